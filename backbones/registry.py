@@ -1,0 +1,32 @@
+"""A small model registry: factories registered by name, created with keyword arguments."""
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Callable, TypeVar
+
+from torch import nn
+
+Factory = TypeVar("Factory", bound=Callable[..., nn.Module])
+_FACTORIES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(factory: Factory) -> Factory:
+    """Decorator: register ``factory`` under its function name."""
+    name = factory.__name__
+    if name in _FACTORIES:
+        raise ValueError(f"a model named {name!r} is already registered")
+    _FACTORIES[name] = factory
+    return factory
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style ``pattern``, sorted."""
+    return sorted(name for name in _FACTORIES if fnmatch.fnmatch(name, pattern))
+
+
+def create(name: str, **kwargs: Any) -> nn.Module:
+    """Build the registered model ``name``; ``kwargs`` override the factory's defaults
+    (every factory takes ``num_classes`` and ``deploy``)."""
+    if name not in _FACTORIES:
+        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
+    return _FACTORIES[name](**kwargs)

@@ -1,0 +1,266 @@
+"""The re-parameterization toolkit: pure tensor math and the model-level walker.
+
+Every block in this project derives its deploy weights from the small functions
+below, so the fusion math exists once. All functions are differentiable (no
+in-place ops, no ``.data``), which lets QAT and regularizers use the equivalent
+weights of a train-time block directly.
+
+Shape conventions: a conv kernel is ``(O, C/g, kh, kw)``; a linear weight is
+``(O, I)``; "FC weight of a partition" is ``(O*h*w, C*h*w/g)``, the weight of a
+grouped 1x1 conv (or batched matmul) acting on a flattened ``(C, h, w)`` partition.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = [
+    "bn_scale_shift",
+    "fuse_bn",
+    "fuse_bn_before_linear",
+    "pad_kernel",
+    "add_branches",
+    "conv_to_fc",
+    "conv_bias_to_fc",
+    "reparameterize_model",
+    "convert_children",
+    "find_reparam_method",
+    "max_relative_error",
+    "model_relative_error",
+]
+
+# Method names of the known conversion conventions, in the order a walker tries them:
+# this project and MMPretrain (switch_to_deploy), timm/MobileOne (reparameterize),
+# RepMLPNet v2 (local_inject), RepLKNet (merge_kernel).
+REPARAM_METHODS = ("switch_to_deploy", "reparameterize", "local_inject", "merge_kernel")
+
+
+# --------------------------------------------------------------------------- BN fusion
+def bn_scale_shift(bn: _BatchNorm) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(scale, shift)`` such that ``bn(x) == x * scale + shift`` in eval mode.
+
+    Works for any eps and for ``affine=False``. Shapes: ``(C,)`` each.
+    """
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(
+            f"{type(bn).__name__}(track_running_stats=False) has no running statistics: "
+            "its eval-mode output depends on the batch, so it cannot be folded into a fixed weight"
+        )
+    std = torch.sqrt(bn.running_var + bn.eps)
+    if bn.weight is None:  # affine=False
+        scale = 1.0 / std
+        shift = -bn.running_mean / std
+    else:
+        scale = bn.weight / std
+        shift = bn.bias - bn.running_mean * scale
+    return scale, shift
+
+
+def _per_row(vector: Tensor, rows: int, what: str) -> Tensor:
+    """Expand a per-channel vector to ``rows`` entries; each channel covers a contiguous run of rows."""
+    if rows % vector.numel():
+        raise ValueError(f"{what}: {rows} rows do not split evenly over {vector.numel()} BN channels")
+    return vector.repeat_interleave(rows // vector.numel())
+
+
+def fuse_bn(weight: Tensor, bias: Optional[Tensor], bn: _BatchNorm) -> tuple[Tensor, Tensor]:
+    """Fold a BN that *follows* a conv/linear into its weight and bias.
+
+    ``weight``: ``(O, ...)``; ``bias``: ``(O,)`` or None. The BN may have ``O`` channels or a
+    divisor of ``O`` (each BN channel then covers a contiguous run of rows, as for a BN over
+    ``(S, h, w)``-flattened FC outputs). Returns ``(weight', bias')`` with the shapes of ``weight``/``(O,)``.
+    """
+    scale, shift = bn_scale_shift(bn)
+    rows = weight.shape[0]
+    scale = _per_row(scale, rows, "fuse_bn")
+    shift = _per_row(shift, rows, "fuse_bn")
+    fused_w = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    fused_b = shift if bias is None else bias * scale + shift
+    return fused_w, fused_b
+
+
+def fuse_bn_before_linear(weight: Tensor, bias: Optional[Tensor], bn: _BatchNorm) -> tuple[Tensor, Tensor]:
+    """Fold a BN that *precedes* a linear layer into that layer.
+
+    ``weight``: ``(O, I)`` where the linear's input is the BN output flattened channel-major, so
+    ``I`` is a multiple of the BN's channel count (e.g. ``C*hp*wp`` for a pooled ``(C, hp, wp)``
+    map). Returns ``(weight', bias')`` with ``linear'(x) == linear(bn(x))``.
+    """
+    scale, shift = bn_scale_shift(bn)
+    cols = weight.shape[1]
+    scale = _per_row(scale, cols, "fuse_bn_before_linear")
+    shift = _per_row(shift, cols, "fuse_bn_before_linear")
+    fused_b = weight @ shift
+    if bias is not None:
+        fused_b = fused_b + bias
+    return weight * scale.unsqueeze(0), fused_b
+
+
+# --------------------------------------------------------------------------- kernels
+def _check_odd(kernel: Tensor, what: str) -> None:
+    kh, kw = kernel.shape[-2:]
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"{what}: kernel size {kh}x{kw} is even; only odd sizes have a centre to align on")
+
+
+def pad_kernel(kernel: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """Zero-pad a ``(..., kh, kw)`` kernel symmetrically to ``(..., H, W)``; all sizes odd.
+
+    Exact for convs whose padding grows by the same amount (``p = k // 2`` convention).
+    """
+    target_h, target_w = (size, size) if isinstance(size, int) else size
+    _check_odd(kernel, "pad_kernel")
+    if target_h % 2 == 0 or target_w % 2 == 0:
+        raise ValueError(f"pad_kernel: target size {target_h}x{target_w} must be odd")
+    kh, kw = kernel.shape[-2:]
+    if kh > target_h or kw > target_w:
+        raise ValueError(f"pad_kernel: kernel {kh}x{kw} does not fit in {target_h}x{target_w}")
+    ph, pw = (target_h - kh) // 2, (target_w - kw) // 2
+    return F.pad(kernel, [pw, pw, ph, ph])
+
+
+def add_branches(*branches: tuple[Tensor, Optional[Tensor]]) -> tuple[Tensor, Tensor]:
+    """Sum parallel ``(kernel, bias)`` branches, padding kernels to the largest size.
+
+    Kernels: ``(O, C/g, kh_i, kw_i)`` with odd sizes; biases ``(O,)`` or None.
+    Returns ``(kernel, bias)`` with the largest (kh, kw) of the branches.
+    """
+    if not branches:
+        raise ValueError("add_branches needs at least one (kernel, bias) pair")
+    size = (max(k.shape[-2] for k, _ in branches), max(k.shape[-1] for k, _ in branches))
+    kernel = sum(pad_kernel(k, size) for k, _ in branches)
+    out_channels = branches[0][0].shape[0]
+    zero = branches[0][0].new_zeros(out_channels)
+    bias = sum((b if b is not None else zero) for _, b in branches)
+    return kernel, bias
+
+
+def conv_to_fc(kernel: Tensor, h: int, w: int, groups: int = 1) -> Tensor:
+    """The FC weight equal to a stride-1 ``k//2``-padded grouped conv on one ``h x w`` partition.
+
+    The identity-matrix trick (RepMLP eq. 15): feeding the basis of the flattened
+    ``(C/g, h, w)`` input space through the conv yields the columns of the FC matrix.
+    Exact for any C != O (the official code transposes with the wrong shape there).
+
+    Args:
+        kernel: ``(O, C/g, kh, kw)``, kh and kw odd (need not be equal, may exceed h or w).
+        h, w: partition size.
+        groups: conv groups ``g``.
+    Returns:
+        ``(O*h*w, C*h*w/g)``: row ``(o, y, x)``, column ``(c mod C/g, y', x')`` within group ``o // (O/g)``.
+    """
+    _check_odd(kernel, "conv_to_fc")
+    out_channels, in_per_group, kh, kw = kernel.shape
+    if out_channels % groups:
+        raise ValueError(f"conv_to_fc: {out_channels} output channels are not divisible by groups={groups}")
+    n = in_per_group * h * w
+    # Basis of one group's input, repeated so every group sees the same basis vector.
+    eye = torch.eye(n, dtype=kernel.dtype, device=kernel.device).reshape(n, in_per_group, h, w)
+    basis = eye.repeat(1, groups, 1, 1)  # (n, C, h, w)
+    response = F.conv2d(basis, kernel, padding=(kh // 2, kw // 2), groups=groups)  # (n, O, h, w)
+    return response.reshape(n, out_channels * h * w).t()
+
+
+def conv_bias_to_fc(bias: Tensor, h: int, w: int) -> Tensor:
+    """A per-channel conv bias ``(O,)`` as the bias ``(O*h*w,)`` of the partition FC."""
+    return bias.repeat_interleave(h * w)
+
+
+# --------------------------------------------------------------------------- model level
+def find_reparam_method(module: nn.Module) -> Optional[Callable[[], Any]]:
+    """The conversion method a module offers under any known convention, or None."""
+    for name in REPARAM_METHODS:
+        method = getattr(module, name, None)
+        if callable(method):
+            return method
+    return None
+
+
+def _sync_bn_names(model: nn.Module) -> list[str]:
+    return [name or "<root>" for name, m in model.named_modules() if isinstance(m, nn.SyncBatchNorm)]
+
+
+def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Convert every re-parameterizable block of ``model`` to its deploy form.
+
+    Puts the model in eval mode (BN folding uses running statistics), walks top-down from the
+    root and calls each block's conversion once; children are visited after their parent
+    converted, so nested blocks are neither missed nor converted twice. Deep-copies the model
+    unless ``inplace``. Raises if the model contains SyncBatchNorm, which must be reverted first
+    (Lightning does so at the end of fit; ``nn.SyncBatchNorm`` is not a ``BatchNorm2d``).
+    """
+    sync = _sync_bn_names(model)
+    if sync:
+        raise TypeError(
+            f"cannot re-parameterize a model that contains SyncBatchNorm ({', '.join(sync[:5])}"
+            f"{', ...' if len(sync) > 5 else ''}): revert it to BatchNorm first, e.g. with "
+            "lightning's layer_sync.revert(model) or convert a model built without sync_batchnorm"
+        )
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    with torch.no_grad():
+        _convert_tree(model)
+    return model
+
+
+def _convert_tree(module: nn.Module) -> None:
+    method = find_reparam_method(module)
+    if method is not None:
+        method()
+    convert_children(module)
+
+
+def convert_children(module: nn.Module) -> None:
+    """Convert every re-parameterizable descendant of ``module`` (not ``module`` itself), top-down.
+
+    Used by composite blocks, whose own conversion is the conversion of what they contain.
+    The mode (train/eval) is left as it is.
+    """
+    for child in list(module.children()):
+        _convert_tree(child)
+
+
+def _flatten(output: Any) -> list[Tensor]:
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        return [t for key in sorted(output) for t in _flatten(output[key])]
+    if isinstance(output, Sequence) and not isinstance(output, str):
+        return [t for item in output for t in _flatten(item)]
+    raise TypeError(f"cannot compare model outputs of type {type(output).__name__}")
+
+
+def max_relative_error(reference: Any, other: Any) -> float:
+    """``max|reference - other| / max|reference|`` over tensors, or nested lists/dicts of them."""
+    refs, others = _flatten(reference), _flatten(other)
+    if len(refs) != len(others):
+        raise ValueError(f"outputs differ in structure: {len(refs)} vs {len(others)} tensors")
+    worst = 0.0
+    for a, b in zip(refs, others):
+        if a.shape != b.shape:
+            raise ValueError(f"output shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+        a, b = a.detach().double(), b.detach().double()
+        scale = a.abs().max().item()
+        diff = (a - b).abs().max().item()
+        worst = max(worst, diff / scale if scale > 0 else diff)
+    return worst
+
+
+def model_relative_error(reference: nn.Module, other: nn.Module, *inputs: Any) -> float:
+    """Run both models in eval mode on ``inputs`` and return :func:`max_relative_error`."""
+    modes = (reference.training, other.training)
+    reference.eval()
+    other.eval()
+    try:
+        with torch.no_grad():
+            return max_relative_error(reference(*inputs), other(*inputs))
+    finally:
+        reference.train(modes[0])
+        other.train(modes[1])

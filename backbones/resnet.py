@@ -1,0 +1,286 @@
+"""ResNet (torchvision-style bottleneck, stride on the 3x3) and RepMLP-ResNet.
+
+One class covers both: the baseline ResNet-50 is a ResNet without RepMLP stages. Stages are
+numbered as in the paper, c2..c5 (``layer1..layer4``). In each RepMLP stage every block but
+the first (which changes resolution or width) is a RepMLP Bottleneck or Light block.
+
+Every factory takes ``num_classes`` (0: headless, ``forward`` returns pooled features) and
+``deploy`` (build the converted structure directly), and any constructor argument as an override.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .convbn import ConvBN
+from .registry import register_model
+from .repmlp import RepMLP
+from .repmlp_blocks import RepMLPBottleneck, RepMLPLight
+from .reparam_block import ReparamBlock
+
+Size = tuple[int, int]
+
+
+def _pair(value: int | tuple[int, int]) -> Size:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+class Bottleneck(ReparamBlock):
+    """1x1 → 3x3 (stride, dilation) → 1x1, plus shortcut, then ReLU.
+
+    ``(N, in_channels, H, W)`` → ``(N, out_channels, ceil(H/stride), ceil(W/stride))``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        mid_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        dilation: int = 1,
+        deploy: bool = False,
+    ) -> None:
+        super().__init__()
+        self.deploy = deploy
+        self.conv1 = ConvBN(in_channels, mid_channels, 1, act=True, deploy=deploy)
+        self.conv2 = ConvBN(mid_channels, mid_channels, 3, stride, dilation=dilation, act=True, deploy=deploy)
+        self.conv3 = ConvBN(mid_channels, out_channels, 1, deploy=deploy)
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut: nn.Module = ConvBN(in_channels, out_channels, 1, stride, deploy=deploy)
+        else:
+            self.shortcut = nn.Identity()
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.conv3(self.conv2(self.conv1(x))) + self.shortcut(x))
+
+
+class ResNet(ReparamBlock):
+    """ResNet / RepMLP-ResNet: ``(N, in_chans, H, W)`` → logits ``(N, num_classes)``.
+
+    Per-stage tuples have one entry for each of c2, c3, c4, c5.
+
+    Args:
+        layers: blocks per stage.
+        widths: output channels per stage (bottleneck width is a quarter of it).
+        stem_width: channels after the stem.
+        deep_stem: three 3x3 convs instead of one 7x7 (ResNet-V1c, used by mmseg's PSPNet).
+        strides, dilations: per stage; a dilated stage's first block uses half its dilation.
+        num_classes: classifier outputs; 0 builds a headless backbone.
+        in_chans: input channels.
+        img_size: input size the RepMLP blocks are built for (the training crop).
+        repmlp_stages: stage numbers (2..5) whose blocks after the first are RepMLP blocks.
+        repmlp_block: ``"bottleneck"`` or ``"light"``.
+        partition: RepMLP partition ``(h, w)``.
+        kernels: Local Perceptron kernel sizes.
+        groups: RepMLP fc3/conv groups per stage (the paper's "g8/16" is ``(1, 8, 16, 1)``).
+        bottleneck_r: channel reduction around the RepMLP block per stage (bottleneck only).
+        fc1_reduction: Global Perceptron hidden-width reduction per stage.
+        pad_input: let RepMLP blocks pad feature maps that are not multiples of the partition.
+        zero_init_last: zero the last BN of each residual block (a common recipe tweak).
+        deploy: build the converted structure.
+    """
+
+    def __init__(
+        self,
+        layers: tuple[int, int, int, int] = (3, 4, 6, 3),
+        widths: tuple[int, int, int, int] = (256, 512, 1024, 2048),
+        stem_width: int = 64,
+        deep_stem: bool = False,
+        strides: tuple[int, int, int, int] = (1, 2, 2, 2),
+        dilations: tuple[int, int, int, int] = (1, 1, 1, 1),
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        img_size: int | tuple[int, int] = 224,
+        repmlp_stages: tuple[int, ...] = (),
+        repmlp_block: Literal["bottleneck", "light"] = "bottleneck",
+        partition: int | tuple[int, int] = 7,
+        kernels: tuple[int, ...] = (1, 3, 5),
+        groups: tuple[int, int, int, int] = (1, 1, 1, 1),
+        bottleneck_r: tuple[int, int, int, int] = (1, 1, 1, 1),
+        fc1_reduction: tuple[int, int, int, int] = (1, 1, 1, 1),
+        pad_input: bool = False,
+        zero_init_last: bool = False,
+        deploy: bool = False,
+    ) -> None:
+        super().__init__()
+        for name, value in (("layers", layers), ("widths", widths), ("strides", strides),
+                            ("dilations", dilations), ("groups", groups), ("bottleneck_r", bottleneck_r),
+                            ("fc1_reduction", fc1_reduction)):
+            if len(value) != 4:
+                raise ValueError(f"ResNet: {name} needs one value per stage c2..c5, got {tuple(value)}")
+        bad = [s for s in repmlp_stages if s not in (2, 3, 4, 5)]
+        if bad:
+            raise ValueError(f"ResNet: repmlp_stages must be stage numbers 2..5 (c2..c5), got {tuple(repmlp_stages)}")
+        if repmlp_block not in ("bottleneck", "light"):
+            raise ValueError(f"ResNet: repmlp_block must be 'bottleneck' or 'light', got {repmlp_block!r}")
+        self.deploy = deploy
+        self.img_size = _pair(img_size)
+        self.num_classes = num_classes
+        self.widths = tuple(widths)
+        self.num_features = widths[-1]
+
+        if deep_stem:
+            half = stem_width // 2
+            self.stem = nn.Sequential(
+                ConvBN(in_chans, half, 3, 2, act=True, deploy=deploy),
+                ConvBN(half, half, 3, act=True, deploy=deploy),
+                ConvBN(half, stem_width, 3, act=True, deploy=deploy),
+            )
+        else:
+            self.stem = nn.Sequential(ConvBN(in_chans, stem_width, 7, 2, act=True, deploy=deploy))
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+
+        size = tuple(math.ceil(s / 4) for s in self.img_size)  # stem and maxpool halve twice (ceil)
+        in_channels = stem_width
+        self.stage_sizes: list[Size] = []
+        for i in range(4):
+            stage_no = i + 2
+            size = tuple(math.ceil(s / strides[i]) for s in size)
+            self.stage_sizes.append(size)
+            dilation = dilations[i]
+            blocks: list[nn.Module] = []
+            for j in range(layers[i]):
+                if j == 0:
+                    first_dilation = max(dilation // 2, 1) if dilation > 1 else 1
+                    blocks.append(Bottleneck(in_channels, widths[i] // 4, widths[i], strides[i], first_dilation, deploy))
+                elif stage_no in repmlp_stages and repmlp_block == "bottleneck":
+                    blocks.append(RepMLPBottleneck(
+                        in_channels, widths[i] // 4, widths[i], size, partition, bottleneck_r[i], kernels,
+                        groups[i], fc1_reduction[i], pad_input, dilation, deploy=deploy))
+                elif stage_no in repmlp_stages:
+                    blocks.append(RepMLPLight(
+                        in_channels, widths[i] // 8, widths[i], size, partition, kernels, groups[i],
+                        fc1_reduction[i], pad_input, deploy=deploy))
+                else:
+                    blocks.append(Bottleneck(in_channels, widths[i] // 4, widths[i], 1, dilation, deploy))
+                in_channels = widths[i]
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+
+        self.has_repmlp = any(isinstance(m, RepMLP) for m in self.modules())
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights(zero_init_last)
+
+    def _init_weights(self, zero_init_last: bool) -> None:
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Conv2d) and ".fc3" not in f".{name}":
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if zero_init_last and not self.deploy:
+            for m in self.modules():
+                last = {Bottleneck: "conv3", RepMLPBottleneck: "conv5", RepMLPLight: "conv3"}.get(type(m))
+                if last is not None:
+                    nn.init.zeros_(getattr(m, last).bn.weight)
+
+    @property
+    def stages(self) -> list[nn.Sequential]:
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        """Feature maps of c2..c5: ``[(N, widths[i], *stage_sizes[i]) for i in 0..3]``."""
+        if self.has_repmlp and tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(
+                f"this RepMLP-ResNet was built for {self.img_size[0]}x{self.img_size[1]} inputs (img_size) "
+                f"but got an input of shape {tuple(x.shape)}; RepMLP blocks are tied to one feature-map size: "
+                "rebuild with img_size matching the data, or feed crops/sliding windows of that size"
+            )
+        x = self.maxpool(self.stem(x))
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The c5 map ``(N, widths[-1], H/32, W/32)`` (or /8 with dilation)."""
+        return self.forward_stages(x)[-1]
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        pooled = F.adaptive_avg_pool2d(features, 1).flatten(1)
+        return pooled if pre_logits else self.fc(pooled)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# ------------------------------------------------------------------------------- factories
+def _resnet(defaults: dict[str, Any], overrides: dict[str, Any]) -> ResNet:
+    return ResNet(**{**defaults, **overrides})
+
+
+_R50 = dict(layers=(3, 4, 6, 3))
+_TINY = dict(layers=(1, 2, 2, 1), widths=(32, 64, 128, 256), stem_width=16, img_size=64)
+
+
+@register_model
+def resnet50(**kwargs: Any) -> ResNet:
+    """ResNet-50 baseline (torchvision layout, 25.6M params)."""
+    return _resnet(_R50, kwargs)
+
+
+@register_model
+def resnet50_v1c(**kwargs: Any) -> ResNet:
+    """ResNet-50 with the deep 3x3 stem (V1c), the backbone of mmseg's PSPNet-R50."""
+    return _resnet({**_R50, "deep_stem": True}, kwargs)
+
+
+@register_model
+def repmlp_res50_light_224(**kwargs: Any) -> ResNet:
+    """RepMLP-Res50 Light blocks in c3, c4 (official ``RepMLP-Res50-light-224``): h=w=7, K=1,3,5, g=4."""
+    return _resnet({**_R50, "img_size": 224, "repmlp_stages": (3, 4), "repmlp_block": "light", "partition": 7,
+                    "kernels": (1, 3, 5), "groups": (1, 4, 4, 1)}, kwargs)
+
+
+@register_model
+def repmlp_res50_g8_224(**kwargs: Any) -> ResNet:
+    """RepMLP-Res50 Bottleneck-224 (official): g=8, r=(2,4), K=1,3,5, h=w=7 in c3, c4."""
+    return _resnet({**_R50, "img_size": 224, "repmlp_stages": (3, 4), "partition": 7, "kernels": (1, 3, 5),
+                    "groups": (1, 8, 8, 1), "bottleneck_r": (1, 2, 4, 1)}, kwargs)
+
+
+def _res50_320(g3: int, g4: int, kwargs: dict[str, Any]) -> ResNet:
+    return _resnet({**_R50, "img_size": 320, "repmlp_stages": (3, 4), "partition": 10, "kernels": (1, 3, 5, 7),
+                    "groups": (1, g3, g4, 1), "bottleneck_r": (1, 2, 4, 1)}, kwargs)
+
+
+@register_model
+def repmlp_res50_g8_16_320(**kwargs: Any) -> ResNet:
+    """RepMLP-Res50 at 320 (paper's "g8/16"): g=8 in c3, 16 in c4; h=w=10, K=1,3,5,7."""
+    return _res50_320(8, 16, kwargs)
+
+
+@register_model
+def repmlp_res50_g8_8_320(**kwargs: Any) -> ResNet:
+    """RepMLP-Res50 at 320, "g8/8"."""
+    return _res50_320(8, 8, kwargs)
+
+
+@register_model
+def repmlp_res50_g4_8_320(**kwargs: Any) -> ResNet:
+    """RepMLP-Res50 at 320, "g4/8" (the PSPNet backbone of the paper)."""
+    return _res50_320(4, 8, kwargs)
+
+
+@register_model
+def resnet_tiny(**kwargs: Any) -> ResNet:
+    """A 64x64-input ResNet for tests and the demo (layers 1,2,2,1; widths 32..256)."""
+    return _resnet({**_TINY, "num_classes": 10}, kwargs)
+
+
+_TINY_REPMLP = {**_TINY, "num_classes": 10, "repmlp_stages": (3, 4), "partition": 4, "kernels": (1, 3),
+                "groups": (1, 2, 4, 1), "bottleneck_r": (1, 2, 2, 1), "fc1_reduction": (1, 2, 2, 1)}
+
+
+@register_model
+def repmlp_res_tiny(**kwargs: Any) -> ResNet:
+    """Tiny RepMLP-ResNet (bottleneck): c3 8x8 with 4 partitions (Global Perceptron), c4 4x4 with one."""
+    return _resnet(_TINY_REPMLP, kwargs)
+
+
+@register_model
+def repmlp_res_light_tiny(**kwargs: Any) -> ResNet:
+    """Tiny RepMLP-ResNet with Light blocks."""
+    return _resnet({**_TINY_REPMLP, "repmlp_block": "light"}, kwargs)

@@ -1,0 +1,1 @@
+"""Benchmarks that print speed/memory ratios measured side by side in one run."""

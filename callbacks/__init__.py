@@ -1,0 +1,1 @@
+"""Lightning callbacks; ReparamCallback converts the trained model to its deploy form."""

@@ -1,0 +1,1 @@
+"""LightningDataModules for ImageNet, Cityscapes and face data, and the embedded demo-data generators."""

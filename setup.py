@@ -1,0 +1,32 @@
+"""repmlp-lightning: RepMLP backbones trained with convolutions, deployed as pure FC layers."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="repmlp-lightning",
+    version="0.1.0",
+    description="RepMLP backbones for classification, face recognition and segmentation with PyTorch Lightning",
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["backbones", "backbones.*", "tasks", "tasks.*", "datamodules",
+                                    "datamodules.*", "callbacks", "callbacks.*"]),
+    # torch is a range, not a pin: install the build for your machine first (README), and pip
+    # keeps it; an unpinned request on a machine without torch would pull the CUDA build.
+    install_requires=[
+        "torch>=2.1",
+        "pytorch-lightning>=2.2",
+        "torchmetrics>=1.3",
+        "albumentations>=1.4",
+        "jsonargparse[signatures]>=4.27",
+        "safetensors>=0.4",
+        "numpy",
+    ],
+    extras_require={
+        "dev": ["pytest>=7"],
+        "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
+        # mmcv (needed by mmsegmentation) must be installed first: see README.
+        "mmseg": ["mmsegmentation==1.2.2", "ftfy", "regex"],
+    },
+)

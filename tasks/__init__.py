@@ -1,0 +1,1 @@
+"""LightningModules and LightningCLI entry points, one per task (classification, segmentation, face)."""

@@ -1,0 +1,163 @@
+"""Every registered model: whole-model equivalence, the deploy=True round trip, counts and shapes."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import backbones
+from backbones import ReparamBlock, RepMLP, create, list_models, model_relative_error, reparameterize_model
+from conftest import randomize_bn
+
+ALL = list_models()
+TINY = list_models("*tiny*")
+
+
+def _inputs(model, batch=1, dtype=torch.float32):
+    return torch.randn(batch, 3, *model.img_size, dtype=dtype)
+
+
+def test_registry_lists_the_issue_factories():
+    for name in ["resnet50", "repmlp_res50_light_224", "repmlp_res50_g8_224", "repmlp_res50_g8_16_320",
+                 "repmlp_res50_g8_8_320", "repmlp_res50_g4_8_320", "repmlp_res_tiny", "resnet_tiny"]:
+        assert name in ALL
+    assert list_models("repmlp_res50_*_320") == ["repmlp_res50_g4_8_320", "repmlp_res50_g8_16_320",
+                                                  "repmlp_res50_g8_8_320"]
+    with pytest.raises(KeyError, match="unknown model 'resnet51'.*resnet50"):
+        create("resnet51")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_whole_model_equivalence_and_deploy_round_trip(name):
+    torch.manual_seed(0)
+    model = randomize_bn(create(name), seed=1).eval()
+    x = _inputs(model)
+    deploy = reparameterize_model(model)
+    assert model_relative_error(model, deploy, x) <= 1e-4
+    assert not any(isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) for m in deploy.modules())
+    built = create(name, deploy=True)
+    converted = deploy.state_dict()
+    assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in converted.items()}
+    built.load_state_dict(converted, strict=True)
+    assert model_relative_error(deploy, built, x) == 0.0
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_models_fp64_and_batch(name):
+    model = randomize_bn(create(name), seed=2).double().eval()
+    x = _inputs(model, batch=3, dtype=torch.float64)
+    assert model_relative_error(model, reparameterize_model(model), x) <= 1e-10
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_repeated_conversion_and_alias_orders(name):
+    """timm's walker, MMPretrain's module loop and ours, in either order, give the same model."""
+    model = randomize_bn(create(name), seed=4).eval()
+    x = _inputs(model, batch=2)
+    ours = reparameterize_model(model)
+
+    timm_style = copy.deepcopy(model)
+
+    def timm_walk(parent):  # timm.utils.model.reparameterize_model: children only, top-down
+        for child_name, child in parent.named_children():
+            if hasattr(child, "fuse"):
+                setattr(parent, child_name, child.fuse())
+            elif hasattr(child, "reparameterize"):
+                child.reparameterize()
+            elif hasattr(child, "switch_to_deploy"):
+                child.switch_to_deploy()
+            timm_walk(child)
+
+    timm_walk(timm_style)
+    mmpretrain_style = copy.deepcopy(model)
+    for m in list(mmpretrain_style.modules()):
+        if hasattr(m, "switch_to_deploy"):
+            m.switch_to_deploy()
+    twice = reparameterize_model(reparameterize_model(model))
+    twice.switch_to_deploy()
+    for other in (timm_style, mmpretrain_style, twice):
+        other.eval()
+        assert ours.state_dict().keys() == other.state_dict().keys()
+        assert model_relative_error(ours, other, x) == 0.0
+    assert not hasattr(backbones.RepMLP, "fuse") and not hasattr(backbones.ConvBN, "fuse")
+
+
+@pytest.mark.parametrize("name,train_m,deploy_m", [
+    ("repmlp_res50_light_224", 87.04, 86.14),   # official RepMLP-Res50-light-224
+    ("repmlp_res50_g8_224", 41.07, 40.87),      # official RepMLP-Res50-bottleneck-224
+    ("resnet50", 25.56, 25.53),
+])
+def test_parameter_counts_match_official(name, train_m, deploy_m):
+    model = create(name)
+    count = lambda m: round(sum(p.numel() for p in m.parameters()) / 1e6, 2)  # noqa: E731
+    assert count(model) == train_m
+    assert count(create(name, deploy=True)) == deploy_m
+
+
+def test_repmlp_placement_and_per_stage_groups():
+    model = create("repmlp_res50_g8_16_320")
+    blocks = {name: m for name, m in model.named_modules() if isinstance(m, RepMLP)}
+    assert sorted({n.split(".")[0] for n in blocks}) == ["layer2", "layer3"]   # c3 and c4
+    assert len(blocks) == 3 + 5                                                 # first block of each stage stays plain
+    assert {m.groups for n, m in blocks.items() if n.startswith("layer2")} == {8}
+    assert {m.groups for n, m in blocks.items() if n.startswith("layer3")} == {16}
+    assert {m.input_size for n, m in blocks.items() if n.startswith("layer2")} == {(40, 40)}
+    assert {m.partition for m in blocks.values()} == {(10, 10)}
+    assert {m.kernels for m in blocks.values()} == {(1, 3, 5, 7)}
+    assert type(model.layer2[0]).__name__ == "Bottleneck"
+
+
+def test_headless_backbone_and_stage_outputs():
+    model = create("repmlp_res_tiny", num_classes=0).eval()
+    x = _inputs(model, batch=2)
+    stages = model.forward_stages(x)
+    assert [tuple(s.shape) for s in stages] == [(2, 32, 16, 16), (2, 64, 8, 8), (2, 128, 4, 4), (2, 256, 2, 2)]
+    assert model(x).shape == (2, 256)
+    assert torch.equal(model.forward_features(x), stages[-1])
+    assert create("repmlp_res_tiny", num_classes=7)(x).shape == (2, 7)
+
+
+def test_dilated_deep_stem_variant_converts():
+    model = create("repmlp_res_tiny", deep_stem=True, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4),
+                   img_size=(64, 48), partition=(4, 3), pad_input=True, num_classes=0)
+    randomize_bn(model).eval()
+    x = torch.randn(1, 3, 64, 48)
+    assert [tuple(s.shape[-2:]) for s in model.forward_stages(x)] == [(16, 12), (8, 6), (8, 6), (8, 6)]
+    assert model_relative_error(model, reparameterize_model(model), x) <= 1e-4
+
+
+def test_padding_mode_model():
+    model = randomize_bn(create("repmlp_res_tiny", img_size=(72, 56), partition=(3, 5), pad_input=True)).eval()
+    x = torch.randn(2, 3, 72, 56)
+    assert model_relative_error(model, reparameterize_model(model), x) <= 1e-4
+    with pytest.raises(ValueError, match="not a multiple of the partition"):
+        create("repmlp_res_tiny", img_size=(72, 56), partition=(3, 5))
+
+
+def test_wrong_image_size_names_both_sizes():
+    model = create("repmlp_res50_g8_224").eval()
+    with pytest.raises(ValueError, match=r"built for 224x224 inputs.*\(1, 3, 256, 256\)"):
+        model(torch.randn(1, 3, 256, 256))
+    # A plain ResNet accepts any size.
+    create("resnet_tiny").eval()(torch.randn(1, 3, 50, 70))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(layers=(1, 2, 2)), "layers needs one value per stage"),
+    (dict(repmlp_stages=(1, 3)), "stage numbers 2..5"),
+    (dict(repmlp_block="heavy"), "'bottleneck' or 'light'"),
+    (dict(partition=3), "kernel size 3 is larger than|not a multiple"),
+    (dict(kernels=(1, 2)), "kernel size 2 .* odd"),
+    (dict(groups=(1, 3, 4, 1)), "groups=3 must divide"),
+])
+def test_bad_model_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        create("repmlp_res_tiny", **kwargs)
+
+
+def test_every_reparam_block_reports_deploy_after_conversion():
+    deploy = reparameterize_model(create("repmlp_res_light_tiny"))
+    blocks = [m for m in deploy.modules() if isinstance(m, ReparamBlock)]
+    assert blocks and all(m.deploy for m in blocks)

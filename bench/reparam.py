@@ -1,0 +1,701 @@
+"""Re-parameterization benchmark: convert every registered model, check it, and time both forms.
+
+Run ``python -m bench.reparam [--models GLOB ...] [--batch 8] [--repeats N] [--threads T]
+[--markdown FILE]``. It prints markdown with three sections:
+
+1. one row per registered model (``backbones.list_models()`` filtered by ``--models``): parameters
+   of the train-time and deploy forms, multiply-adds of the deploy form at the model's native
+   resolution (batch 1, ``torch.utils.flop_counter.FlopCounterMode``), the max relative error of
+   the conversion (BN statistics and affine parameters randomized first), the conversion time, and
+   the CPU forward latency of the train-time form (eval mode) vs the deploy form;
+2. ResNet-50 vs the deploy RepMLP-Res50 models (224) in images/s;
+3. the deploy RepMLP block alone, one row per block shape of the selected models, with every
+   exact FC3 formulation we know of timed side by side (each is checked against the block first).
+
+Timing method: the machine is shared, so no figure is meant to be read on its own. Every
+comparison is measured in one process, with the variants interleaved (A, B, A, B, ...; the order
+of each round alternates, A B then B A, so neither variant always runs first), after warm-up
+runs, under ``torch.inference_mode``; each time is the median over the rounds, and the figures to
+quote are the ratios. The "IQR" after a ratio is the 25th-75th percentile of the per-round ratios
+and shows how noisy the run was. ``--repeats`` fixes the number of rounds; by default it is
+chosen from a time budget per comparison (fewer rounds for the big 320 models).
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.flop_counter import FlopCounterMode
+
+import backbones
+from backbones.repmlp import DEFAULT_FC3_IMPL, RepMLP
+
+TARGET_MODEL = "repmlp_res50_g8_224"
+TARGET_RATIO = 1.3  # the issue: deploy >= 1.3x faster than the train-time form (eval) at batch 8
+TARGET_BATCH = 8
+THROUGHPUT_MODELS = ("resnet50", "repmlp_res50_g8_224", "repmlp_res50_light_224")
+VERIFY_RTOL = 1e-5  # every FC3 formulation must match the block to this relative error
+NEAR_FASTEST = 0.03  # "within noise" band for the per-shape FC3 verdict
+SECTIONS = ("models", "throughput", "fc3")
+
+# Time budgets (seconds of timed rounds) when --repeats is not given, and the round limits.
+MODEL_BUDGET_S, MODEL_REPS = 20.0, (3, 25)
+THROUGHPUT_BUDGET_S, THROUGHPUT_REPS = 40.0, (5, 25)
+BLOCK_BUDGET_S, BLOCK_REPS = 4.0, (10, 200)
+
+
+# ============================================================================ output
+class Report:
+    """Prints each line at once (progress is visible) and keeps them for ``--markdown``."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, line: str = "") -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def table(self, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+        self("| " + " | ".join(header) + " |")
+        self("|" + "|".join("---" for _ in header) + "|")
+        for row in rows:
+            self("| " + " | ".join(row) + " |")
+
+    def save(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n".join(self.lines) + "\n")
+
+
+def progress(message: str) -> None:
+    """Progress goes to stderr, so stdout and --markdown hold only the report."""
+    print(f"  .. {message}", file=sys.stderr, flush=True)
+
+
+# ============================================================================ timing
+@dataclass
+class Timings:
+    """Per-round wall times (seconds) of interleaved variants."""
+
+    times: dict[str, list[float]]
+    rounds: int
+    extra: dict[str, list[float]] = field(default_factory=dict)  # e.g. time inside RepMLP blocks
+
+    def median_ms(self, name: str) -> float:
+        return statistics.median(self.times[name]) * 1e3
+
+    def ratio(self, slow: str, fast: str) -> float:
+        """median(slow) / median(fast): > 1 means ``fast`` is faster."""
+        return statistics.median(self.times[slow]) / statistics.median(self.times[fast])
+
+    def paired_iqr(self, slow: str, fast: str) -> tuple[float, float]:
+        """25th and 75th percentile of the per-round ratios slow/fast."""
+        ratios = sorted(a / b for a, b in zip(self.times[slow], self.times[fast]))
+        if len(ratios) < 2:
+            return ratios[0], ratios[0]
+        q = statistics.quantiles(ratios, n=4, method="inclusive")
+        return q[0], q[2]
+
+    def spread(self) -> float:
+        """Noise indicator: the largest median / fastest-round ratio over the variants, minus 1."""
+        return max(statistics.median(t) / min(t) for t in self.times.values()) - 1
+
+    def ratio_text(self, slow: str, fast: str) -> str:
+        lo, hi = self.paired_iqr(slow, fast)
+        return f"{self.ratio(slow, fast):.2f} ({lo:.2f}–{hi:.2f})"
+
+
+def interleaved(
+    fns: dict[str, Callable[[], Any]],
+    repeats: Optional[int],
+    budget_s: float,
+    reps_range: tuple[int, int],
+    warmup: int = 2,
+    after_call: Optional[Callable[[str], None]] = None,
+) -> Timings:
+    """Time ``fns`` side by side: warm-up rounds, then rounds of one call each, order alternating.
+
+    Without ``repeats`` the number of rounds is ``budget_s`` divided by the duration of a warm-up
+    round, clamped to ``reps_range``. ``after_call(name)`` runs (untimed) after each timed call.
+    """
+    names = list(fns)
+    with torch.inference_mode():
+        round_s = math.inf  # the quickest warm-up round (a load burst should not cut the rounds)
+        for _ in range(warmup):
+            start = time.perf_counter()
+            for name in names:
+                fns[name]()
+            round_s = min(round_s, time.perf_counter() - start)
+        if repeats is None:
+            repeats = int(budget_s / max(round_s, 1e-9))
+            repeats = min(max(repeats, reps_range[0]), reps_range[1])
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for i in range(repeats):
+            for name in names if i % 2 == 0 else names[::-1]:
+                t0 = time.perf_counter()
+                fns[name]()
+                times[name].append(time.perf_counter() - t0)
+                if after_call is not None:
+                    after_call(name)
+    return Timings(times, repeats)
+
+
+class BlockClock:
+    """Forward hooks that add up the wall time spent inside given modules, per model call."""
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        self.total = 0.0
+        self._start: dict[int, float] = {}
+        self._handles = []
+        for m in modules:
+            self._handles.append(m.register_forward_pre_hook(self._pre))
+            self._handles.append(m.register_forward_hook(self._post))
+
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        self._start[id(module)] = time.perf_counter()
+
+    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.total += time.perf_counter() - self._start.pop(id(module))
+
+    def take(self) -> float:
+        total, self.total = self.total, 0.0
+        return total
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+# ============================================================================ helpers
+def randomize_bn(model: nn.Module, seed: int) -> nn.Module:
+    """Non-trivial BN running statistics and affine parameters, so the conversion check means something."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                    m.bias.copy_(torch.rand(n, generator=gen) - 0.5)
+    return model
+
+
+def count_params(model: nn.Module) -> float:
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def count_gmacs(model: nn.Module, size: tuple[int, int], in_chans: int = 3) -> float:
+    """Multiply-adds (G) of one forward at batch 1; FlopCounterMode counts 2 flops per multiply-add."""
+    x = torch.randn(1, in_chans, *size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() / 2e9
+
+
+def in_chans_of(model: nn.Module) -> int:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return 3
+
+
+def stage_of(module_name: str) -> str:
+    """``layer2.1.repmlp`` → ``c3`` (layer1..layer4 are the paper's c2..c5)."""
+    head = module_name.split(".")[0]
+    if head.startswith("layer") and head[5:].isdigit():
+        return f"c{int(head[5:]) + 1}"
+    return head
+
+
+def fmt_gmacs(value: float) -> str:
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.2g}"
+
+
+def fmt_err(value: float) -> str:
+    return f"{value:.1e}"
+
+
+# ============================================================================ FC3 formulations
+@dataclass(frozen=True)
+class BlockShape:
+    """Everything that defines a RepMLP block's deploy structure."""
+
+    in_channels: int
+    out_channels: int
+    input_size: tuple[int, int]
+    partition: tuple[int, int]
+    kernels: tuple[int, ...]
+    groups: int
+    fc1_reduction: int
+    pad_input: bool
+
+    @classmethod
+    def of(cls, m: RepMLP) -> "BlockShape":
+        reduction = 1
+        if m.has_global_perceptron:
+            reduction = m.fc1.in_features // m.fc1.out_features
+        return cls(m.in_channels, m.out_channels, m.input_size, m.partition, m.kernels, m.groups,
+                   reduction, m.pad_input)
+
+    def build(self, fc3_impl: str = DEFAULT_FC3_IMPL, deploy: bool = False) -> RepMLP:
+        return RepMLP(self.in_channels, self.out_channels, self.input_size, self.partition, self.kernels,
+                      self.groups, self.fc1_reduction, self.pad_input, fc3_impl=fc3_impl, deploy=deploy)
+
+    def label(self) -> str:
+        (H, W), (h, w) = self.input_size, self.partition
+        io = f"{self.in_channels}" if self.in_channels == self.out_channels else f"{self.in_channels}→{self.out_channels}"
+        part = f"{h}" if h == w else f"{h}x{w}"
+        return f"{io}ch {H}x{W} p{part} g{self.groups}"
+
+
+def _split_partitions(m: RepMLP, x: Tensor) -> tuple[Tensor, int]:
+    """The deploy block's forward up to fc3: pad, Global Perceptron, ``(n, C, hp, h, wp, w)``."""
+    n, C = x.shape[0], m.in_channels
+    (H, W), (h, w), (hp, wp) = m.input_size, m.partition, m.num_partitions
+    Hp, Wp = m.padded_size
+    if (Hp, Wp) != (H, W):
+        x = F.pad(x, [0, Wp - W, 0, Hp - H])
+    x6 = x.reshape(n, C, hp, h, wp, w)
+    if m.has_global_perceptron:
+        v = F.avg_pool2d(x, (h, w))
+        v = m.fc2(F.relu(m.fc1(v.flatten(1))))
+        x6 = x6 + v.reshape(n, C, hp, 1, wp, 1)
+    return x6, n
+
+
+def _merge_partitions(m: RepMLP, out: Tensor, n: int) -> Tensor:
+    """``(n*hp*wp, O*h*w)`` → ``(n, O, H, W)``, as the block does after fc3."""
+    (H, W), (h, w), (hp, wp) = m.input_size, m.partition, m.num_partitions
+    Hp, Wp = m.padded_size
+    out = out.reshape(n, hp, wp, m.out_channels, h, w).permute(0, 3, 1, 4, 2, 5).reshape(n, m.out_channels, Hp, Wp)
+    if (Hp, Wp) != (H, W):
+        out = out[:, :, :H, :W]
+    return out
+
+
+def _with_fc(fc: Callable[[RepMLP, Tensor], Tensor]) -> Callable[[RepMLP, Tensor], Tensor]:
+    """A deploy block forward whose fc3 on ``(M, C*h*w)`` partitions is ``fc`` (a ``_partition_fc`` drop-in)."""
+
+    def forward(m: RepMLP, x: Tensor) -> Tensor:
+        x6, n = _split_partitions(m, x)
+        C, (h, w) = m.in_channels, m.partition
+        parts = x6.permute(0, 2, 4, 1, 3, 5).reshape(-1, C * h * w)
+        return _merge_partitions(m, fc(m, parts), n)
+
+    return forward
+
+
+def _fc_baddbmm(m: RepMLP, parts: Tensor) -> Tensor:
+    """Grouped fc3 as one batched matmul with the bias fused in (saves the separate bias pass)."""
+    g, weight, bias = m.groups, m.fc3.weight, m.fc3.bias
+    rows = parts.shape[0]
+    out_per_group = weight.shape[0] // g
+    a = parts.reshape(rows, g, -1).transpose(0, 1)  # (g, M, Chw/g), a strided view
+    b = weight.reshape(g, out_per_group, -1).transpose(1, 2)  # (g, Chw/g, Ohw/g)
+    out = torch.baddbmm(bias.reshape(g, 1, out_per_group), a, b)
+    return out.transpose(0, 1).reshape(rows, -1)
+
+
+def _fc_einsum(m: RepMLP, parts: Tensor) -> Tensor:
+    g, weight, bias = m.groups, m.fc3.weight, m.fc3.bias
+    rows = parts.shape[0]
+    out = torch.einsum("mgk,gnk->mgn", parts.reshape(rows, g, -1), weight.reshape(g, weight.shape[0] // g, -1))
+    return out.reshape(rows, -1) + bias
+
+
+def _fc_linear_loop(m: RepMLP, parts: Tensor) -> Tensor:
+    g, weight, bias = m.groups, m.fc3.weight.flatten(1), m.fc3.bias
+    k, o = weight.shape[1], weight.shape[0] // g
+    return torch.cat(
+        [F.linear(parts[:, i * k:(i + 1) * k], weight[i * o:(i + 1) * o], bias[i * o:(i + 1) * o]) for i in range(g)],
+        dim=1,
+    )
+
+
+def _gather_bmm(m: RepMLP, x: Tensor) -> Tensor:
+    """A forward-level rewrite of the deploy block with two data passes instead of five: the Global
+    Perceptron's broadcast add is fused into one gather that writes the group-major ``(g, M, Chw/g)``
+    layout (``torch.add(..., out=)``), fc3 is one ``baddbmm`` (bias fused), and its ``(g, M, Ohw/g)``
+    result is scattered straight back to ``(n, O, H, W)``. The block instead makes the GP add, the
+    partition copy, the transposed-output copy, the bias add and the final permute copy.
+    Needs a change to ``RepMLP.forward``, not only ``_partition_fc``."""
+    g, C, O = m.groups, m.in_channels, m.out_channels
+    (H, W), (h, w), (hp, wp) = m.input_size, m.partition, m.num_partitions
+    Hp, Wp = m.padded_size
+    n, cg, og = x.shape[0], C // g, O // g
+    if (Hp, Wp) != (H, W):
+        x = F.pad(x, [0, Wp - W, 0, Hp - H])
+    src = x.reshape(n, g, cg, hp, h, wp, w).permute(1, 0, 3, 5, 2, 4, 6)  # (g, n, hp, wp, cg, h, w) view
+    a = x.new_empty(g, n, hp, wp, cg, h, w)
+    if m.has_global_perceptron:
+        v = m.fc2(F.relu(m.fc1(F.avg_pool2d(x, (h, w)).flatten(1))))
+        torch.add(src, v.reshape(n, g, cg, hp, 1, wp, 1).permute(1, 0, 3, 5, 2, 4, 6), out=a)
+    else:
+        a.copy_(src)
+    out = torch.baddbmm(m.fc3.bias.reshape(g, 1, og * h * w), a.view(g, n * hp * wp, cg * h * w),
+                        m.fc3.weight.reshape(g, og * h * w, cg * h * w).transpose(1, 2))
+    out = out.view(g, n, hp, wp, og, h, w).permute(1, 0, 4, 2, 5, 3, 6).reshape(n, O, Hp, Wp)
+    if (Hp, Wp) != (H, W):
+        out = out[:, :, :H, :W]
+    return out
+
+
+# name → (description, how it is run). "module:<impl>" runs RepMLP.forward with that fc3_impl.
+FC3_VARIANTS: dict[str, tuple[str, Any]] = {
+    "bmm": ("RepMLP fc3_impl='bmm' (module forward)", "module:bmm"),
+    "conv": ("RepMLP fc3_impl='conv', grouped 1x1 conv (module forward)", "module:conv"),
+    "baddbmm": ("bmm with the bias fused in (fits in _partition_fc)", _with_fc(_fc_baddbmm)),
+    "einsum": ("torch.einsum over groups (fits in _partition_fc)", _with_fc(_fc_einsum)),
+    "linear-loop": ("one F.linear per group + cat (fits in _partition_fc)", _with_fc(_fc_linear_loop)),
+    "gather-bmm": ("GP add fused into one group-major gather, baddbmm, direct scatter (needs a forward change)", _gather_bmm),
+    "bmm-NHWC": ("fc3_impl='bmm' on a channels_last input", "module:bmm:channels_last"),
+}
+MODULE_IMPLS = ("bmm", "conv")  # the formulations RepMLP offers (what DEFAULT_FC3_IMPL can choose)
+
+
+# ============================================================================ section 1
+@dataclass
+class ModelResult:
+    name: str
+    row: list[str]
+    ratio: Optional[float] = None
+    ratio_iqr: Optional[tuple[float, float]] = None
+    train_ms: Optional[float] = None
+    deploy_ms: Optional[float] = None
+    repmlp_ms: Optional[tuple[float, float]] = None  # time inside RepMLP blocks: train, deploy
+    shapes: list[tuple[BlockShape, str]] = field(default_factory=list)
+
+
+def bench_model(name: str, args: argparse.Namespace, seed: int) -> ModelResult:
+    torch.manual_seed(seed)
+    progress(f"{name}: build")
+    model = randomize_bn(backbones.create(name), seed).eval()
+    size = tuple(getattr(model, "img_size", (224, 224)))
+    in_chans = in_chans_of(model)
+    shapes = [(BlockShape.of(m), f"{name} {stage_of(n)}") for n, m in model.named_modules() if isinstance(m, RepMLP)]
+
+    progress(f"{name}: convert")
+    t0 = time.perf_counter()
+    deploy = backbones.reparameterize_model(model)
+    convert_s = time.perf_counter() - t0
+
+    x2 = torch.randn(2, in_chans, *size)
+    error = backbones.model_relative_error(model, deploy, x2)
+    gmacs_train = count_gmacs(model, size, in_chans)
+    gmacs_deploy = count_gmacs(deploy, size, in_chans)
+
+    progress(f"{name}: time train-form (eval) vs deploy at batch {args.batch}")
+    x = torch.randn(args.batch, in_chans, *size)
+    if args.channels_last:
+        model, deploy = model.to(memory_format=torch.channels_last), deploy.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    models = {"train": model, "deploy": deploy}
+    clocks = {k: BlockClock([m for m in mdl.modules() if isinstance(m, RepMLP)]) for k, mdl in models.items()}
+    inside: dict[str, list[float]] = {k: [] for k in models}
+    for clock in clocks.values():
+        clock.take()
+
+    def after(k: str) -> None:
+        inside[k].append(clocks[k].take())
+
+    timings = interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, args.repeats, MODEL_BUDGET_S,
+                          MODEL_REPS, after_call=after)
+    for clock in clocks.values():
+        clock.remove()
+    has_repmlp = bool(shapes)
+    repmlp_ms = (statistics.median(inside["train"]) * 1e3, statistics.median(inside["deploy"]) * 1e3) if has_repmlp else None
+
+    row = [
+        f"`{name}`", f"{size[0]}" if size[0] == size[1] else f"{size[0]}x{size[1]}",
+        f"{count_params(model):.2f} / {count_params(deploy):.2f}",
+        f"{fmt_gmacs(gmacs_train)} / {fmt_gmacs(gmacs_deploy)}",
+        fmt_err(error), f"{convert_s:.2f}",
+        f"{timings.median_ms('train'):.1f}", f"{timings.median_ms('deploy'):.1f}",
+        timings.ratio_text("train", "deploy"),
+        f"{repmlp_ms[0]:.1f} / {repmlp_ms[1]:.1f}" if repmlp_ms else "–",
+        str(timings.rounds), f"+{100 * timings.spread():.0f}%",
+    ]
+    return ModelResult(name, row, timings.ratio("train", "deploy"), timings.paired_iqr("train", "deploy"),
+                       timings.median_ms("train"), timings.median_ms("deploy"), repmlp_ms, shapes)
+
+
+def section_models(names: list[str], args: argparse.Namespace, out: Report) -> list[ModelResult]:
+    layout = ", channels_last" if args.channels_last else ""
+    out(f"## 1. Train-time (eval) vs deploy, per model (batch {args.batch} for latency{layout})")
+    out()
+    results = []
+    header = ["model", "input", "params train / deploy (M)", "GMACs train / deploy (bs 1)", "max rel. err",
+              "convert (s)", f"train ms (bs {args.batch})", f"deploy ms (bs {args.batch})",
+              "train/deploy (per-round IQR)", "in RepMLP blocks ms train / deploy", "rounds", "noise"]
+    for i, name in enumerate(names):
+        results.append(bench_model(name, args, seed=i))
+    out.table(header, [r.row for r in results])
+    out()
+    out("GMACs: multiply-adds (G) of one image at the model's native `img_size`, counted by "
+        "`torch.utils.flop_counter.FlopCounterMode` (conv/matmul only; flops = 2 x MACs). Max rel. err: "
+        "`backbones.model_relative_error` on a batch of 2 after randomizing every BN's running stats and "
+        "affine parameters. Convert: one `backbones.reparameterize_model` call (includes its deep copy). "
+        "Latency: medians over interleaved rounds; train/deploy > 1 means the deploy form is faster. "
+        "\"In RepMLP blocks\": median wall time per forward spent inside the RepMLP blocks (forward hooks), "
+        "the only part the FC3 formulation can change. Noise: how far the median round lies above the "
+        "fastest round (worst variant); tens of percent mean the machine was busy and the row should be re-run.")
+    out()
+    target = next((r for r in results if r.name == TARGET_MODEL), None)
+    if target is None:
+        out(f"**Target** (deploy `{TARGET_MODEL}` >= {TARGET_RATIO}x faster than its train-time form): "
+            "not measured in this run (model not selected).")
+    else:
+        verdict = "PASS" if target.ratio >= TARGET_RATIO else "FAIL"
+        notes = [f"measured at batch {args.batch}, the target is at batch {TARGET_BATCH}"] if args.batch != TARGET_BATCH else []
+        notes += ["both forms in channels_last"] if args.channels_last else []
+        note = f" (note: {'; '.join(notes)})" if notes else ""
+        lo, hi = target.ratio_iqr
+        out(f"**Target**: deploy `{TARGET_MODEL}` >= {TARGET_RATIO:.2f}x faster than its train-time form (eval) at "
+            f"batch {TARGET_BATCH}: measured **{target.ratio:.2f}x** (per-round IQR {lo:.2f}–{hi:.2f}) → "
+            f"**{verdict}**{note}")
+        if target.repmlp_ms is not None:
+            rt, rd = target.repmlp_ms
+            ceiling = target.train_ms / max(target.deploy_ms - rd, 1e-9)
+            out()
+            out(f"Where the time is: the deploy forward spends {rd:.1f} of {target.deploy_ms:.1f} ms "
+                f"({100 * rd / target.deploy_ms:.1f}%) inside its RepMLP blocks (train form: {rt:.1f} of "
+                f"{target.train_ms:.1f} ms). Even RepMLP blocks that took no time at all would give "
+                f"train/deploy = {target.train_ms:.1f} / {target.deploy_ms - rd:.1f} = {ceiling:.2f}x; the rest of "
+                f"the gap is what the conversion removes outside them (BN passes folded into the convs).")
+    out()
+    return results
+
+
+# ============================================================================ section 2
+def section_throughput(args: argparse.Namespace, out: Report) -> None:
+    layout = ", channels_last" if args.channels_last else ""
+    out(f"## 2. ResNet-50 vs deploy RepMLP-Res50 throughput (batch {args.batch}, 224x224{layout})")
+    out()
+    progress("throughput: build " + ", ".join(THROUGHPUT_MODELS))
+    models = {}
+    for i, name in enumerate(THROUGHPUT_MODELS):
+        torch.manual_seed(100 + i)
+        models[name] = backbones.reparameterize_model(randomize_bn(backbones.create(name), 100 + i))
+    x = torch.randn(args.batch, 3, 224, 224)
+    if args.channels_last:
+        models = {k: m.to(memory_format=torch.channels_last) for k, m in models.items()}
+        x = x.contiguous(memory_format=torch.channels_last)
+    progress("throughput: timing")
+    timings = interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, args.repeats, THROUGHPUT_BUDGET_S,
+                          THROUGHPUT_REPS)
+    base = THROUGHPUT_MODELS[0]
+    rows = []
+    for name in THROUGHPUT_MODELS:
+        ms = timings.median_ms(name)
+        rows.append([f"`{name}` (deploy)", f"{ms:.1f}", f"{args.batch / ms * 1e3:.1f}",
+                     "1.00" if name == base else timings.ratio_text(base, name)])
+    out.table(["model", f"ms / batch of {args.batch}", "images/s", f"throughput vs {base} (per-round IQR)"], rows)
+    out()
+    out(f"All three in deploy form (the ResNet-50's BN folded too), interleaved, {timings.rounds} rounds "
+        f"(noise +{100 * timings.spread():.0f}%); > 1 means faster than ResNet-50.")
+    out()
+
+
+# ============================================================================ section 3
+def _variant_fns(shape: BlockShape, seed: int, batch: int) -> tuple[dict[str, Callable[[], Tensor]], dict[str, Tensor], RepMLP]:
+    torch.manual_seed(seed)
+    train = randomize_bn(shape.build(), seed).eval()
+    deploy = backbones.reparameterize_model(train)  # fc3_impl of the train block: DEFAULT_FC3_IMPL
+    state = deploy.state_dict()
+    modules = {}
+    for impl in MODULE_IMPLS:
+        m = shape.build(fc3_impl=impl, deploy=True).eval()
+        m.load_state_dict(state)
+        modules[impl] = m
+    x = torch.randn(batch, shape.in_channels, *shape.input_size)
+    inputs = {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last)}
+    fns: dict[str, Callable[[], Tensor]] = {}
+    for name, (_, how) in FC3_VARIANTS.items():
+        if isinstance(how, str):
+            _, impl, *fmt = how.split(":")
+            xin = inputs[fmt[0] if fmt else "nchw"]
+            fns[name] = lambda m=modules[impl], xin=xin: m(xin)
+        else:
+            fns[name] = lambda how=how, m=modules["bmm"]: how(m, x)
+    fns["train block"] = lambda: train(x)
+    return fns, inputs, deploy
+
+
+def section_fc3(shapes: list[tuple[BlockShape, list[str]]], args: argparse.Namespace, out: Report) -> None:
+    out(f"## 3. Deploy RepMLP block: FC3 formulations side by side (batch {args.batch}, ms per block forward)")
+    out()
+    out(f"`DEFAULT_FC3_IMPL = {DEFAULT_FC3_IMPL!r}`. Variants (all on the same deploy weights; each is "
+        f"checked against the block's own output to {VERIFY_RTOL:g} relative error before it is timed):")
+    out()
+    for name, (desc, _) in FC3_VARIANTS.items():
+        out(f"- `{name}`: {desc}")
+    out("- `train block`: the train-time block in eval mode (for the block-level train/deploy ratio)")
+    out()
+    variant_names = list(FC3_VARIANTS)
+    header = ["block", "used in", "train block", *variant_names, "max rel. err", "fastest",
+              f"`{DEFAULT_FC3_IMPL}` / fastest", "rounds", "noise"]
+    rows, verdicts = [], []
+    for i, (shape, used_in) in enumerate(shapes):
+        progress(f"fc3: {shape.label()} ({', '.join(used_in)})")
+        fns, inputs, deploy = _variant_fns(shape, 1000 + i, args.batch)
+        with torch.inference_mode():
+            ref = deploy(inputs["nchw"])
+            errors = {k: backbones.max_relative_error(ref, fns[k]()) for k in variant_names}
+        bad = [k for k, e in errors.items() if not e <= VERIFY_RTOL]
+        timed = {k: fns[k] for k in variant_names if k not in bad}
+        timed["train block"] = fns["train block"]
+        timings = interleaved(timed, args.repeats, BLOCK_BUDGET_S, BLOCK_REPS)
+        ms = {k: timings.median_ms(k) for k in timed}
+        fastest = min((k for k in variant_names if k in ms), key=ms.get)
+        fastest_impl = min((k for k in MODULE_IMPLS if k in ms), key=ms.get)
+        default_over_best = ms[DEFAULT_FC3_IMPL] / ms[fastest] if DEFAULT_FC3_IMPL in ms else math.nan
+        verdicts.append((shape, used_in, fastest, fastest_impl, default_over_best, ms, timings))
+        cells = [f"{ms[k]:.2f}" if k in ms else "MISMATCH" for k in variant_names]
+        rows.append([shape.label(), ", ".join(used_in), f"{ms['train block']:.2f}", *cells,
+                     fmt_err(max(errors.values())), f"`{fastest}`", f"{default_over_best:.2f}", str(timings.rounds),
+                     f"+{100 * timings.spread():.0f}%"])
+        if bad:
+            progress(f"fc3: {', '.join(bad)} did not match the block (errors {[errors[k] for k in bad]})")
+    out.table(header, rows)
+    out()
+    out("Per shape:")
+    out()
+    all_default_fastest = True
+    for shape, used_in, fastest, fastest_impl, default_over_best, ms, timings in verdicts:
+        is_impl_fastest = fastest_impl == DEFAULT_FC3_IMPL
+        all_default_fastest &= is_impl_fastest
+        line = (f"- {shape.label()}: fastest measured `{fastest}`; of RepMLP's own `fc3_impl` options `{fastest_impl}` "
+                f"is faster ({' vs '.join(f'{k} {ms[k]:.2f} ms' for k in MODULE_IMPLS if k in ms)}, ratio "
+                f"{timings.ratio_text([k for k in MODULE_IMPLS if k != fastest_impl][0], fastest_impl)}) → "
+                f"DEFAULT_FC3_IMPL={DEFAULT_FC3_IMPL!r} {'is' if is_impl_fastest else 'is NOT'} the fastest option: "
+                f"**{'PASS' if is_impl_fastest else 'FAIL'}**")
+        if fastest != DEFAULT_FC3_IMPL:
+            gain = default_over_best - 1
+            line += (f"; `{fastest}` beats `{DEFAULT_FC3_IMPL}` by {100 * gain:.1f}% "
+                     f"({timings.ratio_text(DEFAULT_FC3_IMPL, fastest)})"
+                     + (" — within noise" if gain < NEAR_FASTEST else " — a candidate formulation"))
+        line += f"; block-level train/deploy = {timings.ratio_text('train block', DEFAULT_FC3_IMPL)}"
+        out(line)
+    out()
+    out(f"**FC3 verdict**: DEFAULT_FC3_IMPL={DEFAULT_FC3_IMPL!r} is the fastest of RepMLP's formulations on "
+        f"{'every' if all_default_fastest else 'NOT every'} shape → **{'PASS' if all_default_fastest else 'FAIL'}** "
+        f"(bench-only variants that beat it by more than {100 * NEAR_FASTEST:.0f}% are flagged above as candidates).")
+    out()
+
+
+def collect_shapes(names: list[str], results: Optional[list[ModelResult]]) -> list[tuple[BlockShape, list[str]]]:
+    """Unique RepMLP block shapes of the selected models, in order of appearance, with where they occur."""
+    found: dict[BlockShape, list[str]] = {}
+    if results is None:
+        pairs = []
+        for name in names:
+            model = backbones.create(name, deploy=True)
+            pairs += [(BlockShape.of(m), f"{name} {stage_of(n)}") for n, m in model.named_modules() if isinstance(m, RepMLP)]
+            del model
+    else:
+        pairs = [p for r in results for p in r.shapes]
+    for shape, where in pairs:
+        places = found.setdefault(shape, [])
+        if where not in places:
+            places.append(where)
+    return list(found.items())
+
+
+# ============================================================================ main
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.reparam", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["*"], metavar="GLOB",
+                        help="shell-style patterns over backbones.list_models() (default: all)")
+    parser.add_argument("--batch", type=int, default=TARGET_BATCH, help="batch size of the latency measurements")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed rounds per comparison (default: from a time budget per comparison)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--markdown", metavar="FILE", default=None, help="also write the report to FILE")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="run the whole models (sections 1 and 2) and their inputs in channels_last")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="which sections to run (default: all)")
+    args = parser.parse_args(argv)
+    if args.batch < 1 or (args.repeats is not None and args.repeats < 1) or (args.threads is not None and args.threads < 1):
+        parser.error("--batch, --repeats and --threads must be positive")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    names = [n for n in backbones.list_models() if any(fnmatch.fnmatch(n, p) for p in args.models)]
+    if not names:
+        print(f"no registered model matches {args.models}; registered: {', '.join(backbones.list_models())}",
+              file=sys.stderr)
+        return 2
+
+    out = Report()
+    started = time.perf_counter()
+    command = "python -m bench.reparam" + ("" if argv is None and len(sys.argv) <= 1 else
+                                           " " + shlex.join(list(argv) if argv is not None else sys.argv[1:]))
+    out("# RepMLP re-parameterization benchmark")
+    out()
+    out(f"- command: `{command}`")
+    out(f"- torch {torch.__version__}, {torch.get_num_threads()} threads (os.cpu_count() = {os.cpu_count()}), "
+        f"mkldnn {'on' if (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled) else 'off'}, Python {platform.python_version()}")
+    out(f"- CPU: {cpu_name()}; load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    out(f"- models: {', '.join(names)}")
+    out(f"- timing: interleaved rounds (order alternating), warm-up first, `torch.inference_mode`, medians; "
+        f"batch {args.batch}; rounds {'fixed at ' + str(args.repeats) if args.repeats else 'from a time budget per comparison'}; "
+        f"memory format {'channels_last' if args.channels_last else 'NCHW (contiguous)'}")
+    out()
+
+    results = section_models(names, args, out) if "models" in args.sections else None
+    if "throughput" in args.sections:
+        if any(n in THROUGHPUT_MODELS for n in names):
+            section_throughput(args, out)
+        else:
+            out("## 2. ResNet-50 vs deploy RepMLP-Res50 throughput: skipped (none of "
+                f"{', '.join(THROUGHPUT_MODELS)} selected)")
+            out()
+    if "fc3" in args.sections:
+        shapes = collect_shapes(names, results)
+        if shapes:
+            section_fc3(shapes, args, out)
+        else:
+            out("## 3. FC3 formulations: skipped (no selected model has RepMLP blocks)")
+            out()
+
+    out(f"Total run time {time.perf_counter() - started:.0f} s; load average at end: "
+        f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}.")
+    if args.markdown:
+        out.save(args.markdown)
+        print(f"(report written to {args.markdown})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -40,7 +40,7 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from .checkpoint import load_into, load_state_dict_file, save_checkpoint, state_dict_mode, strip_prefix
+from .checkpoint import _listing, load_into, load_state_dict_file, save_checkpoint, state_dict_mode, strip_prefix
 from .registry import create
 
 __all__ = ["OFFICIAL_ARCHS", "convert_official_state_dict", "load_official", "main"]
@@ -79,11 +79,6 @@ def _rename(key: str) -> str:
     for pattern, repl in _RULES:
         key = pattern.sub(repl, key)
     return key
-
-
-def _listing(items: Sequence[str], limit: int = 5) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
 def convert_official_state_dict(

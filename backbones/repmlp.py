@@ -170,15 +170,16 @@ class RepMLP(ReparamBlock):
         out = out.transpose(0, 1).reshape(m, -1)
         return out if bias is None else out + bias
 
-    def forward(self, x: Tensor) -> Tensor:
+    def split_partitions(self, x: Tensor) -> Tensor:
+        """Everything before fc3: check the size, pad, add the Global Perceptron and flatten the
+        partitions, ``(N, C, H, W)`` → ``(N*hp*wp, C*h*w)``."""
         if x.dim() != 4 or x.shape[1] != self.in_channels or tuple(x.shape[-2:]) != self.input_size:
             H, W = self.input_size
             raise ValueError(
                 f"RepMLP block was built for input (N, {self.in_channels}, {H}, {W}) but got {tuple(x.shape)}; "
                 "a RepMLP block is tied to one feature-map size (build the model for this input size)"
             )
-        n = x.shape[0]
-        C, O = self.in_channels, self.out_channels
+        n, C = x.shape[0], self.in_channels
         (H, W), (h, w), (hp, wp) = self.input_size, self.partition, self.num_partitions
         Hp, Wp = self.padded_size
         if (Hp, Wp) != (H, W):
@@ -191,19 +192,28 @@ class RepMLP(ReparamBlock):
                 v = self.gp_bn(v)
             v = self.fc2(F.relu(self.fc1(v.flatten(1))))
             x6 = x6 + v.reshape(n, C, hp, 1, wp, 1)
+        return x6.permute(0, 2, 4, 1, 3, 5).reshape(n * hp * wp, C * h * w)
 
-        parts = x6.permute(0, 2, 4, 1, 3, 5).reshape(n * hp * wp, C * h * w)
+    def merge_partitions(self, out: Tensor) -> Tensor:
+        """Everything after fc3: ``(N*hp*wp, O*h*w)`` → ``(N, O, H, W)``, cropping any padding."""
+        (H, W), (h, w), (hp, wp) = self.input_size, self.partition, self.num_partitions
+        Hp, Wp = self.padded_size
+        O = self.out_channels
+        out = out.reshape(-1, hp, wp, O, h, w).permute(0, 3, 1, 4, 2, 5).reshape(-1, O, Hp, Wp)
+        if (Hp, Wp) != (H, W):
+            out = out[:, :, :H, :W]
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        parts = self.split_partitions(x)
         out = self._partition_fc(parts)
         if not self.deploy:
             out = self.fc3_bn(out)
             if self.kernels:
-                local_in = parts.reshape(-1, C, h, w)
+                h, w = self.partition
+                local_in = parts.reshape(-1, self.in_channels, h, w)
                 out = out + sum(branch(local_in) for branch in self.local.values()).flatten(1)
-
-        out = out.reshape(n, hp, wp, O, h, w).permute(0, 3, 1, 4, 2, 5).reshape(n, O, Hp, Wp)
-        if (Hp, Wp) != (H, W):
-            out = out[:, :, :H, :W]
-        return out
+        return self.merge_partitions(out)
 
     def extra_repr(self) -> str:
         (H, W), (h, w) = self.input_size, self.partition

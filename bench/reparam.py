@@ -263,39 +263,11 @@ class BlockShape:
         return f"{io}ch {H}x{W} p{part} g{self.groups}"
 
 
-def _split_partitions(m: RepMLP, x: Tensor) -> tuple[Tensor, int]:
-    """The deploy block's forward up to fc3: pad, Global Perceptron, ``(n, C, hp, h, wp, w)``."""
-    n, C = x.shape[0], m.in_channels
-    (H, W), (h, w), (hp, wp) = m.input_size, m.partition, m.num_partitions
-    Hp, Wp = m.padded_size
-    if (Hp, Wp) != (H, W):
-        x = F.pad(x, [0, Wp - W, 0, Hp - H])
-    x6 = x.reshape(n, C, hp, h, wp, w)
-    if m.has_global_perceptron:
-        v = F.avg_pool2d(x, (h, w))
-        v = m.fc2(F.relu(m.fc1(v.flatten(1))))
-        x6 = x6 + v.reshape(n, C, hp, 1, wp, 1)
-    return x6, n
-
-
-def _merge_partitions(m: RepMLP, out: Tensor, n: int) -> Tensor:
-    """``(n*hp*wp, O*h*w)`` → ``(n, O, H, W)``, as the block does after fc3."""
-    (H, W), (h, w), (hp, wp) = m.input_size, m.partition, m.num_partitions
-    Hp, Wp = m.padded_size
-    out = out.reshape(n, hp, wp, m.out_channels, h, w).permute(0, 3, 1, 4, 2, 5).reshape(n, m.out_channels, Hp, Wp)
-    if (Hp, Wp) != (H, W):
-        out = out[:, :, :H, :W]
-    return out
-
-
 def _with_fc(fc: Callable[[RepMLP, Tensor], Tensor]) -> Callable[[RepMLP, Tensor], Tensor]:
     """A deploy block forward whose fc3 on ``(M, C*h*w)`` partitions is ``fc`` (a ``_partition_fc`` drop-in)."""
 
     def forward(m: RepMLP, x: Tensor) -> Tensor:
-        x6, n = _split_partitions(m, x)
-        C, (h, w) = m.in_channels, m.partition
-        parts = x6.permute(0, 2, 4, 1, 3, 5).reshape(-1, C * h * w)
-        return _merge_partitions(m, fc(m, parts), n)
+        return m.merge_partitions(fc(m, m.split_partitions(x)))
 
     return forward
 

@@ -31,6 +31,9 @@ __all__ = [
     "load_into",
     "save_checkpoint",
     "save_deploy_checkpoint",
+    "CLI_ERRORS",
+    "parse_model_kwargs",
+    "report_cli_error",
 ]
 
 PathLike = str | os.PathLike
@@ -375,3 +378,25 @@ def save_deploy_checkpoint(
             "convert it first with backbones.reparameterize_model(model)"
         )
     save_checkpoint(model, path, arch, model_kwargs)
+
+
+# --------------------------------------------------------------------------- command lines
+# What the checkpoint command lines turn into "error: ..." and exit status 1 instead of a traceback.
+CLI_ERRORS = (FileNotFoundError, IsADirectoryError, ValueError, KeyError, TypeError)
+
+
+def parse_model_kwargs(text: str) -> dict[str, Any]:
+    """The ``--model-kwargs`` option: a JSON object of extra constructor arguments."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"--model-kwargs must be a JSON object, got {text!r}")
+    return value
+
+
+def report_cli_error(exc: BaseException) -> int:
+    """Print ``error: <message>`` to stderr (a KeyError without its quotes) and return exit status 1."""
+    import sys
+
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    print(f"error: {message}", file=sys.stderr)
+    return 1

@@ -23,9 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import (
+    CLI_ERRORS,
     TASK_PREFIXES,
     load_into,
     load_state_dict_file,
+    parse_model_kwargs,
+    report_cli_error,
     save_checkpoint,
     select_prefix,
     state_dict_mode,
@@ -180,17 +183,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--prefix", default=None, help="keep only keys under this prefix, e.g. backbone.")
     args = parser.parse_args(argv)
     try:
-        extra = json.loads(args.model_kwargs)
-        if not isinstance(extra, dict):
-            raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+        extra = parse_model_kwargs(args.model_kwargs)
         convert_checkpoint(
             args.arch, args.src, args.dst, num_classes=args.num_classes, model_kwargs=extra,
             tolerance=args.tolerance, seed=args.seed, prefix=args.prefix, log=print,
         )
-    except (FileNotFoundError, IsADirectoryError, ValueError, KeyError, TypeError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"error: {message}", file=sys.stderr)
-        return 1
+    except CLI_ERRORS as exc:
+        return report_cli_error(exc)
     return 0
 
 

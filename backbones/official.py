@@ -31,7 +31,6 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -40,7 +39,7 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from .checkpoint import _listing, load_into, load_state_dict_file, save_checkpoint, state_dict_mode, strip_prefix
+from .checkpoint import CLI_ERRORS, _listing, load_into, parse_model_kwargs, report_cli_error, load_state_dict_file, save_checkpoint, state_dict_mode, strip_prefix
 from .registry import create
 
 __all__ = ["OFFICIAL_ARCHS", "convert_official_state_dict", "load_official", "main"]
@@ -164,18 +163,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--model-kwargs", default="{}", help="JSON object of extra constructor arguments")
     args = parser.parse_args(argv)
     try:
-        extra = json.loads(args.model_kwargs)
-        if not isinstance(extra, dict):
-            raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+        extra = parse_model_kwargs(args.model_kwargs)
         arch = OFFICIAL_ARCHS.get(args.arch, args.arch)
         model = load_official(args.src, arch, **extra)
         kwargs = {k: v for k, v in extra.items() if k != "deploy"}
         kwargs["num_classes"] = model.num_classes if hasattr(model, "num_classes") else extra.get("num_classes")
         save_checkpoint(model, args.dst, arch, kwargs)
-    except (FileNotFoundError, IsADirectoryError, ValueError, KeyError, TypeError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"error: {message}", file=sys.stderr)
-        return 1
+    except CLI_ERRORS as exc:
+        return report_cli_error(exc)
     mode = "deploy" if getattr(model, "deploy", False) else "train-time"
     print(
         f"converted official {args.src} -> {args.dst}: arch={arch}, {mode}, "

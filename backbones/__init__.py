@@ -5,7 +5,7 @@ lists them; ``backbones.reparameterize_model(model)`` converts any model to its 
 """
 from . import resnet  # noqa: F401  (registers the ResNet / RepMLP-ResNet factories)
 from .convbn import ConvBN
-from .registry import create, list_models, register_model
+from .registry import create, input_size, list_models, register_model
 from .reparam import max_relative_error, model_relative_error, reparameterize_model
 from .reparam_block import ReparamBlock
 from .repmlp import RepMLP
@@ -14,6 +14,6 @@ from .resnet import Bottleneck, ResNet
 
 __all__ = [
     "Bottleneck", "ConvBN", "RepMLP", "RepMLPBottleneck", "RepMLPLight", "ReparamBlock", "ResNet",
-    "create", "list_models", "max_relative_error", "model_relative_error", "register_model",
+    "create", "input_size", "list_models", "max_relative_error", "model_relative_error", "register_model",
     "reparameterize_model",
 ]

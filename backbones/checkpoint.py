@@ -28,6 +28,7 @@ __all__ = [
     "select_prefix",
     "state_dict_mode",
     "model_mode",
+    "check_fits",
     "load_into",
     "save_checkpoint",
     "save_deploy_checkpoint",
@@ -260,20 +261,21 @@ def _mode_hint(ckpt: Mode, model: Mode) -> Optional[str]:
     return None
 
 
-def load_into(
+def check_fits(
     model: nn.Module,
     state_dict: Mapping[str, Tensor],
     source: str,
     arch: str,
     checkpoint_arch: Optional[str] = None,
-) -> nn.Module:
-    """Load ``state_dict`` into ``model`` strictly; on any mismatch raise one ValueError that says why.
+    hints: Iterable[str] = (),
+) -> None:
+    """Raise one ValueError that says why ``state_dict`` does not load strictly into ``model``.
 
     The message names ``source`` (the file) and ``arch``, the first missing and unexpected keys,
     shape mismatches, and, when the checkpoint and the model differ in mode, says so explicitly
     ("checkpoint is in deploy form; build the model with deploy=True", or the reverse).
     ``checkpoint_arch``: the arch recorded in the checkpoint, if any, for the message.
-    Returns ``model``.
+    ``hints``: caller-specific explanations (e.g. a class-count mismatch), listed first.
     """
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
@@ -284,22 +286,20 @@ def load_into(
         if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
     ]
     if not (missing or unexpected or mismatched):
-        model.load_state_dict(dict(state_dict), strict=True)
-        return model
+        return
 
     ckpt_mode, mdl_mode = state_dict_mode(state_dict), model_mode(model)
-    lines = [f"checkpoint {source} does not fit model {arch!r} (deploy={mdl_mode == 'deploy'})"]
+    lines = [f"checkpoint {source} does not fit model {arch!r} (deploy={mdl_mode == 'deploy'})", *hints]
     hint = _mode_hint(ckpt_mode, mdl_mode)
     if hint:
         lines.append(hint)
+    elif checkpoint_arch and checkpoint_arch != arch:
+        lines.append(f"the checkpoint records arch {checkpoint_arch!r}, a different architecture than {arch!r}")
     else:
-        if checkpoint_arch and checkpoint_arch != arch:
-            lines.append(f"the checkpoint records arch {checkpoint_arch!r}, a different architecture than {arch!r}")
-        else:
-            lines.append(
-                f"the checkpoint is probably of a different architecture than {arch!r}, "
-                "or was saved with other model arguments (num_classes, model_kwargs)"
-            )
+        lines.append(
+            f"the checkpoint is probably of a different architecture than {arch!r}, "
+            "or was saved with other model arguments (num_classes, model_kwargs)"
+        )
     if missing:
         lines.append(f"{len(missing)} missing key(s): {_listing(missing)}")
     if unexpected:
@@ -307,6 +307,19 @@ def load_into(
     if mismatched:
         lines.append(f"{len(mismatched)} shape mismatch(es): {_listing(mismatched)}")
     raise ValueError("\n  ".join(lines))
+
+
+def load_into(
+    model: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    source: str,
+    arch: str,
+    checkpoint_arch: Optional[str] = None,
+) -> nn.Module:
+    """Load ``state_dict`` into ``model`` strictly, or raise :func:`check_fits`'s error. Returns ``model``."""
+    check_fits(model, state_dict, source, arch, checkpoint_arch)
+    model.load_state_dict(dict(state_dict), strict=True)
+    return model
 
 
 # --------------------------------------------------------------------------- writing

@@ -4,6 +4,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Any, Callable, TypeVar
 
+import torch
 from torch import nn
 
 Factory = TypeVar("Factory", bound=Callable[..., nn.Module])
@@ -30,3 +31,16 @@ def create(name: str, **kwargs: Any) -> nn.Module:
     if name not in _FACTORIES:
         raise KeyError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
     return _FACTORIES[name](**kwargs)
+
+
+def input_size(name: str, **kwargs: Any) -> tuple[int, int]:
+    """The ``(H, W)`` input size the model ``name`` is built for with ``kwargs`` (its ``img_size``).
+
+    The model is built on the meta device, so this costs no memory and no initialization.
+    """
+    with torch.device("meta"):
+        model = create(name, **kwargs)
+    size = getattr(model, "img_size", None)
+    if size is None:
+        raise ValueError(f"model {name!r} does not record an input size (img_size)")
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))

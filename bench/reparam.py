@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.flop_counter import FlopCounterMode
 
 import backbones
+from backbones.complexity import count_macs, count_params, input_channels
 from backbones.repmlp import DEFAULT_FC3_IMPL, RepMLP
 
 TARGET_MODEL = "repmlp_res50_g8_224"
@@ -195,23 +195,12 @@ def randomize_bn(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def count_params(model: nn.Module) -> float:
-    return sum(p.numel() for p in model.parameters()) / 1e6
+def mparams(model: nn.Module) -> float:
+    return count_params(model) / 1e6
 
 
-def count_gmacs(model: nn.Module, size: tuple[int, int], in_chans: int = 3) -> float:
-    """Multiply-adds (G) of one forward at batch 1; FlopCounterMode counts 2 flops per multiply-add."""
-    x = torch.randn(1, in_chans, *size)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops() / 2e9
-
-
-def in_chans_of(model: nn.Module) -> int:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels
-    return 3
+def gmacs(model: nn.Module, size: tuple[int, int], in_chans: int) -> float:
+    return count_macs(model, size, in_chans) / 1e9
 
 
 def stage_of(module_name: str) -> str:
@@ -358,7 +347,7 @@ def bench_model(name: str, args: argparse.Namespace, seed: int) -> ModelResult:
     progress(f"{name}: build")
     model = randomize_bn(backbones.create(name), seed).eval()
     size = tuple(getattr(model, "img_size", (224, 224)))
-    in_chans = in_chans_of(model)
+    in_chans = input_channels(model)
     shapes = [(BlockShape.of(m), f"{name} {stage_of(n)}") for n, m in model.named_modules() if isinstance(m, RepMLP)]
 
     progress(f"{name}: convert")
@@ -368,8 +357,8 @@ def bench_model(name: str, args: argparse.Namespace, seed: int) -> ModelResult:
 
     x2 = torch.randn(2, in_chans, *size)
     error = backbones.model_relative_error(model, deploy, x2)
-    gmacs_train = count_gmacs(model, size, in_chans)
-    gmacs_deploy = count_gmacs(deploy, size, in_chans)
+    gmacs_train = gmacs(model, size, in_chans)
+    gmacs_deploy = gmacs(deploy, size, in_chans)
 
     progress(f"{name}: time train-form (eval) vs deploy at batch {args.batch}")
     x = torch.randn(args.batch, in_chans, *size)
@@ -394,7 +383,7 @@ def bench_model(name: str, args: argparse.Namespace, seed: int) -> ModelResult:
 
     row = [
         f"`{name}`", f"{size[0]}" if size[0] == size[1] else f"{size[0]}x{size[1]}",
-        f"{count_params(model):.2f} / {count_params(deploy):.2f}",
+        f"{mparams(model):.2f} / {mparams(deploy):.2f}",
         f"{fmt_gmacs(gmacs_train)} / {fmt_gmacs(gmacs_deploy)}",
         fmt_err(error), f"{convert_s:.2f}",
         f"{timings.median_ms('train'):.1f}", f"{timings.median_ms('deploy'):.1f}",

@@ -1,0 +1,184 @@
+"""Class-per-folder image datasets (the ImageNet layout) with errors that name the file or folder.
+
+``split/<class>/<image>``: classes are the sub-folder names in sorted order (ImageNet's wnid
+order). Images are decoded with OpenCV into RGB ``uint8`` arrays; an unreadable or corrupt file
+raises :class:`CorruptImageError` naming it, or, with ``skip_corrupt=True``, is replaced by the
+next readable sample and counted in a warning.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+__all__ = [
+    "IMG_EXTENSIONS",
+    "CorruptImageError",
+    "read_image",
+    "find_classes",
+    "list_samples",
+    "list_images",
+    "ImageFolder",
+    "ImageList",
+]
+
+log = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class CorruptImageError(OSError):
+    """An image file that cannot be read or decoded."""
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode ``path`` into an RGB ``uint8`` array of shape ``(H, W, 3)`` (grayscale is expanded)."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise CorruptImageError(f"cannot read image {path}: {exc}") from exc
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:  # OpenCV returns None for empty, truncated or non-image files
+        raise CorruptImageError(f"cannot decode image {path} ({data.size} bytes): corrupt, truncated or not an image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
+
+
+def find_classes(split_dir: str | os.PathLike) -> list[str]:
+    """Sorted class-folder names of ``split_dir``; a clear error if it is missing or has none."""
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"dataset folder {split_dir} does not exist (expected {split_dir}/<class>/<images>)")
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise FileNotFoundError(f"dataset folder {split_dir} has no class folders (expected {split_dir}/<class>/<images>)")
+    return classes
+
+
+def list_samples(split_dir: str | os.PathLike, classes: Sequence[str]) -> list[tuple[str, int]]:
+    """``(path, class index)`` for every image of ``split_dir/<class>/``, sorted for reproducibility.
+
+    Every class of ``classes`` must have a folder with at least one image, and the folder must
+    hold no other classes; otherwise one error lists every problem.
+    """
+    split_dir = Path(split_dir)
+    found = find_classes(split_dir)
+    problems = []
+    missing = sorted(set(classes) - set(found))
+    extra = sorted(set(found) - set(classes))
+    if missing:
+        problems.append(f"missing class folder(s): {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
+    if extra:
+        problems.append(f"class folder(s) not in the class list: {', '.join(extra[:10])}" + (" ..." if len(extra) > 10 else ""))
+    samples: list[tuple[str, int]] = []
+    empty = []
+    for index, name in enumerate(classes):
+        folder = split_dir / name
+        if not folder.is_dir():
+            continue
+        files = sorted(e.path for e in os.scandir(folder) if e.is_file() and _is_image(e.name))
+        if not files:
+            empty.append(str(folder))
+        samples.extend((f, index) for f in files)
+    if empty:
+        problems.append(f"empty class folder(s) (no {'/'.join(IMG_EXTENSIONS)} files): {', '.join(empty[:10])}")
+    if problems:
+        raise ValueError(f"dataset folder {split_dir}: " + "; ".join(problems))
+    return samples
+
+
+def list_images(folder: str | os.PathLike) -> list[str]:
+    """Every image file under ``folder`` (recursively), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    files = sorted(str(p) for p in folder.rglob("*") if p.is_file() and _is_image(p.name))
+    if not files:
+        raise FileNotFoundError(f"image folder {folder} holds no {'/'.join(IMG_EXTENSIONS)} files")
+    return files
+
+
+class _ImageDataset(Dataset):
+    """Shared decoding, corrupt-file policy and per-worker augmentation seeding."""
+
+    def __init__(self, paths: Sequence[str], transform: Optional[Callable[..., dict]], skip_corrupt: bool) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+        self.skip_corrupt = skip_corrupt
+        self.skipped = 0
+        self._seed_key: Any = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _seed_transform(self) -> None:
+        # albumentations draws from its own generator: seed it from the worker's torch seed, which
+        # Lightning's seed_everything makes deterministic and which changes every epoch.
+        if self.transform is None or not hasattr(self.transform, "set_random_seed"):
+            return
+        info = get_worker_info()
+        key = (os.getpid(), info.id if info else None)
+        if key != self._seed_key:
+            seed = info.seed if info else torch.initial_seed()
+            self.transform.set_random_seed(seed % 2**32)
+            self._seed_key = key
+
+    def _load(self, index: int) -> tuple[int, np.ndarray]:
+        """The image at ``index``, or with ``skip_corrupt`` the next readable one."""
+        for attempt in range(len(self.paths)):
+            i = (index + attempt) % len(self.paths)
+            try:
+                return i, read_image(self.paths[i])
+            except CorruptImageError as exc:
+                if not self.skip_corrupt:
+                    raise
+                self.skipped += 1
+                log.warning("skip_corrupt: %s; %d image(s) skipped so far in this process", exc, self.skipped)
+        raise CorruptImageError(f"no readable image among the {len(self.paths)} files of this dataset")
+
+    def _transform(self, image: np.ndarray) -> Any:
+        if self.transform is None:
+            return torch.from_numpy(image).permute(2, 0, 1).contiguous()
+        self._seed_transform()
+        return self.transform(image=image)["image"]
+
+
+class ImageFolder(_ImageDataset):
+    """``(image, label)`` samples of a class-per-folder split.
+
+    Args:
+        samples: ``(path, class index)`` pairs (see :func:`list_samples`).
+        transform: albumentations pipeline, called as ``transform(image=rgb_uint8)["image"]``.
+        skip_corrupt: replace unreadable images by the next readable one (and log it) instead of raising.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        transform: Optional[Callable[..., dict]] = None,
+        skip_corrupt: bool = False,
+    ) -> None:
+        super().__init__([p for p, _ in samples], transform, skip_corrupt)
+        self.targets = [t for _, t in samples]
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        i, image = self._load(index)
+        return self._transform(image), self.targets[i]
+
+
+class ImageList(_ImageDataset):
+    """``(image, path)`` samples of unlabeled images, for prediction."""
+
+    def __getitem__(self, index: int) -> tuple[Any, str]:
+        i, image = self._load(index)
+        return self._transform(image), self.paths[i]

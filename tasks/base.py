@@ -1,0 +1,263 @@
+"""The task base class: a LightningModule around a registered backbone that knows its deploy form.
+
+:class:`ReparamTask` owns what every task shares:
+
+- the backbone, built by name from the registry with its keyword arguments (``backbone``,
+  ``backbone_kwargs``), in train-time or deploy form (``deploy``);
+- the optimizer (SGD or AdamW, optionally without weight decay on BN and bias parameters) and a
+  per-step schedule: linear warm-up, then cosine decay to ``min_lr``;
+- the deploy conversion used by :class:`callbacks.ReparamCallback` (:meth:`convert_to_deploy`),
+  the checkpoint markers that let ``test --ckpt_path deploy.ckpt`` rebuild the deploy structure
+  (:meth:`on_save_checkpoint` / :meth:`on_load_checkpoint`), with clear errors for a checkpoint of
+  another backbone or shape;
+- ``results.json`` in the log folder after every test run (:meth:`on_test_end`).
+
+Subclasses add the head, the loss, the metrics and the steps.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Literal, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from backbones import create, reparameterize_model
+from backbones.checkpoint import check_fits, load_state_dict_file, state_dict_mode
+from backbones.complexity import count_macs, count_params
+from backbones.reparam import max_relative_error
+
+__all__ = ["ReparamTask", "RESULTS_FILE"]
+
+RESULTS_FILE = "results.json"
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly copy (tuples → lists) of constructor arguments."""
+    return json.loads(json.dumps(value, default=str))
+
+
+class ReparamTask(pl.LightningModule):
+    """Base LightningModule: backbone management, optimization, deploy conversion, results file.
+
+    Args:
+        backbone: registered model name (``backbones.list_models()``).
+        backbone_kwargs: constructor arguments for it (``groups``, ``img_size``, ...).
+        deploy: build the deploy (converted) structure; normally set by loading a deploy checkpoint.
+        optimizer: ``"sgd"`` (momentum, optional Nesterov) or ``"adamw"``.
+        lr: peak learning rate (after warm-up).
+        momentum: SGD momentum, or AdamW's beta1.
+        nesterov: Nesterov momentum for SGD.
+        weight_decay: decoupled for AdamW, L2 for SGD.
+        no_decay_bn_bias: no weight decay on 1-D parameters (BN weights and biases, all biases).
+        warmup_epochs: linear warm-up length in epochs (fractions allowed); stepped every batch.
+        warmup_start_factor: learning rate at step 0 as a fraction of ``lr``.
+        min_lr: learning rate at the end of the cosine decay.
+    """
+
+    task_name = "task"
+
+    def __init__(
+        self,
+        backbone: str,
+        backbone_kwargs: Optional[dict[str, Any]] = None,
+        deploy: bool = False,
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 1e-4,
+        no_decay_bn_bias: bool = True,
+        warmup_epochs: float = 0.0,
+        warmup_start_factor: float = 0.01,
+        min_lr: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"model.optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+        self.save_hyperparameters()  # collects the subclass's arguments too
+        self.backbone_name = backbone
+        self.backbone_kwargs = dict(backbone_kwargs or {})
+        self.deploy = deploy
+        # Filled by convert_to_deploy (or read from a deploy checkpoint): params, error, tolerance.
+        self.reparam_info: Optional[dict[str, Any]] = None
+
+    # ------------------------------------------------------------------ backbone
+    def backbone_args(self) -> dict[str, Any]:
+        """Everything passed to ``backbones.create`` besides ``deploy`` (subclasses add e.g. num_classes)."""
+        return dict(self.backbone_kwargs)
+
+    def build_backbone(self, deploy: bool) -> nn.Module:
+        return create(self.backbone_name, deploy=deploy, **self.backbone_args())
+
+    def backbone_spec(self) -> dict[str, Any]:
+        """The architecture and its arguments, enough to rebuild the backbone: ``create(name, **kwargs)``."""
+        return {"name": self.backbone_name, "kwargs": _plain(self.backbone_args()), "deploy": self.deploy}
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        size = getattr(self.backbone, "img_size", 224)
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    def batch_inputs(self, batch: Any) -> Tensor:
+        """The image tensor ``(N, C, H, W)`` of a batch (the first element)."""
+        return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+    # ------------------------------------------------------------------ deploy conversion
+    def _convert_structure(self) -> None:
+        for child in self.children():  # metrics and losses have nothing to convert; heads may
+            reparameterize_model(child, inplace=True)
+        self.deploy = True
+
+    def convert_to_deploy(self, check_inputs: Optional[Tensor] = None) -> dict[str, Any]:
+        """Convert every re-parameterizable block in place (eval mode) and measure the error.
+
+        ``check_inputs``: a batch run through the model before and after; the max relative error
+        of the outputs is returned. Returns ``{"params_train", "params_deploy", "relative_error",
+        "check_batch"}`` and keeps it in :attr:`reparam_info` (saved into deploy checkpoints).
+        A second call on a converted model changes nothing and reports zero error.
+        """
+        self.eval()
+        params_train = count_params(self)
+        reference = None
+        if check_inputs is not None:
+            check_inputs = check_inputs.to(self.device)
+            with torch.no_grad():
+                reference = self(check_inputs)
+        self._convert_structure()
+        error = None
+        if reference is not None:
+            with torch.no_grad():
+                error = max_relative_error(reference, self(check_inputs))
+        self.reparam_info = {
+            "params_train": params_train,
+            "params_deploy": count_params(self),
+            "relative_error": error,
+            "check_batch": list(check_inputs.shape) if check_inputs is not None else None,
+        }
+        return self.reparam_info
+
+    def load_weights(self, path: str) -> None:
+        """Load a checkpoint's weights (``weights_only=True``) into this task, with clear errors."""
+        state_dict, meta = load_state_dict_file(path)
+        checkpoint = {"state_dict": state_dict, **meta}
+        self._align_with_checkpoint(checkpoint, path)
+        self.load_state_dict(state_dict, strict=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["deploy"] = self.deploy
+        checkpoint["backbone"] = self.backbone_spec()
+        if self.reparam_info is not None:
+            checkpoint["reparam"] = self.reparam_info
+
+    def mismatch_hints(self, state_dict: dict[str, Tensor]) -> list[str]:
+        """Task-specific explanations of a checkpoint that does not fit (e.g. class count)."""
+        return []
+
+    def _align_with_checkpoint(self, checkpoint: dict[str, Any], source: str) -> None:
+        """Match the module structure to the checkpoint's mode, or explain why it cannot load."""
+        state_dict = checkpoint["state_dict"]
+        spec = checkpoint.get("backbone") or {}
+        name = spec.get("name")
+        if name is not None and name != self.backbone_name:
+            raise ValueError(
+                f"checkpoint {source} holds backbone {name!r}, but this run builds {self.backbone_name!r} "
+                f"(model.backbone); use the config the checkpoint was trained with"
+            )
+        ckpt_deploy = checkpoint.get("deploy")
+        if not isinstance(ckpt_deploy, bool):
+            ckpt_deploy = state_dict_mode({k: v for k, v in state_dict.items() if k.startswith("backbone.")}) == "deploy"
+        if ckpt_deploy and not self.deploy:
+            if self.trainer_stage() == "fit":
+                raise ValueError(
+                    f"checkpoint {source} holds deploy (converted) weights, which cannot be trained or resumed; "
+                    "fit from the train-time checkpoint (checkpoints/last.ckpt) instead"
+                )
+            self._convert_structure()
+        elif not ckpt_deploy and self.deploy:
+            self.backbone = self.build_backbone(deploy=False)
+            self.deploy = False
+        hints = self.mismatch_hints(state_dict)
+        if spec.get("kwargs") is not None and spec["kwargs"] != _plain(self.backbone_args()):
+            hints.append(f"checkpoint backbone arguments {spec['kwargs']} differ from this run's {_plain(self.backbone_args())}")
+        check_fits(self, state_dict, source, self.backbone_name, checkpoint_arch=name, hints=hints)
+        self.reparam_info = checkpoint.get("reparam") if ckpt_deploy else None
+
+    def trainer_stage(self) -> Optional[str]:
+        trainer = self._trainer
+        return trainer.state.fn.value if trainer is not None and trainer.state.fn is not None else None
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        source = (self._trainer.ckpt_path if self._trainer is not None else None) or "(checkpoint)"
+        self._align_with_checkpoint(checkpoint, str(source))
+
+    # ------------------------------------------------------------------ optimization
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        wd = self.hparams.weight_decay
+        if not self.hparams.no_decay_bn_bias:
+            return [{"params": [p for p in self.parameters() if p.requires_grad], "weight_decay": wd}]
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def lr_factor(self, step: int, total_steps: int, warmup_steps: int) -> float:
+        """Multiplier of ``lr`` at optimizer step ``step``: linear warm-up, then cosine to ``min_lr``."""
+        hp = self.hparams
+        if step < warmup_steps:
+            return hp.warmup_start_factor + (1.0 - hp.warmup_start_factor) * step / warmup_steps
+        floor = hp.min_lr / hp.lr if hp.lr > 0 else 0.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        groups = self.parameter_groups()
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov)
+        else:
+            opt = torch.optim.AdamW(groups, lr=hp.lr, betas=(hp.momentum, 0.999))
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        warmup = int(round(hp.warmup_epochs * total / epochs))
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.lr_factor(step, total, warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ------------------------------------------------------------------ results
+    def results(self) -> dict[str, Any]:
+        """What a test run reports; written to ``results.json`` by :meth:`on_test_end`."""
+        metrics = {
+            k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")
+        }
+        was_training = self.training
+        self.eval()
+        macs = count_macs(self, self.input_size)
+        self.train(was_training)
+        return {
+            "task": self.task_name,
+            "backbone": self.backbone_name,
+            "backbone_kwargs": _plain(self.backbone_args()),
+            "deploy": self.deploy,
+            "checkpoint": str(self.trainer.ckpt_path) if self.trainer.ckpt_path else None,
+            "metrics": metrics,
+            "params": count_params(self),
+            "macs": macs,
+            "input_size": list(self.input_size),
+            "reparam": self.reparam_info,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+
+    def on_test_end(self) -> None:
+        folder = self.trainer.log_dir or self.trainer.default_root_dir  # collective: every rank asks
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, RESULTS_FILE)
+            with open(path, "w") as f:
+                json.dump(self.results(), f, indent=2)
+            print(f"results written to {path}")

@@ -8,7 +8,10 @@
 - :class:`callbacks.ReparamCallback` is always present (options under ``--reparam.*``);
 - ``seed_everything`` must be an explicit integer; the config is saved with every run
   (overwriting the copy of an earlier run in the same folder);
-- ``fit`` is followed by ``test`` of the converted model (``--test_after_fit false`` to skip).
+- ``fit`` is followed by ``test`` of the converted model (``--test_after_fit false`` to skip);
+- ``--ckpt_path`` loads weights into the model the config describes (use the run's saved
+  ``config.yaml``); a checkpoint of another backbone, class count or mode is explained, and a
+  deploy checkpoint turns the model into its deploy structure before loading.
 """
 from __future__ import annotations
 
@@ -83,12 +86,20 @@ class TaskCLI(LightningCLI):
             compute_fn=_model_input_size, apply_on="parse",
         )
 
-    def before_instantiate_classes(self) -> None:
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would replace the model arguments by the checkpoint's hyperparameters. Here
+        # the config decides what is built, and a checkpoint that does not fit it is an error that
+        # says why (ReparamTask.on_load_checkpoint) rather than a silent swap of the backbone.
+        return
+
+    def _set_seed(self) -> None:
+        # Checked before Lightning turns ``true`` into a seed taken from the environment (or 0).
         seed = self._get(self.config, "seed_everything")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(
                 f"seed_everything must be an explicit integer for reproducible runs, got {seed!r}"
             )
+        super()._set_seed()
 
     def after_fit(self) -> None:
         if self._get(self.config, "test_after_fit") and not self.trainer.interrupted:

@@ -1,0 +1,161 @@
+"""End to end: the real ``python -m tasks.classification`` command lines, in subprocesses."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from datamodules.demo import classification_demo
+from conftest import REPO
+
+QUICK = [
+    "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+    "--trainer.enable_progress_bar", "false", "--data.num_workers", "0", "--test_after_fit", "false",
+]
+
+
+def _cli(*args: str, cwd: Path, demo_root: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "REPMLP_DEMO_ROOT": str(demo_root), "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "tasks.classification", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _failed(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr[-4000:]
+
+
+def _results(folder: Path) -> dict:
+    return json.loads((folder / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """``python -m tasks.classification fit`` with no arguments, on a fresh demo cache."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    demo_root = tmp_path_factory.mktemp("cache")
+    proc = _ok(_cli("fit", cwd=cwd, demo_root=demo_root))
+    run = cwd / "runs" / "classification-demo" / "version_0"
+    return cwd, demo_root, run, proc
+
+
+def test_no_argument_fit_learns_converts_and_tests_the_deploy_model(demo_run):
+    cwd, demo_root, run, proc = demo_run
+    assert "ReparamCallback: deploy model written" in proc.stdout + proc.stderr
+    for name in ("deploy.ckpt", "deploy.safetensors", "deploy.json", "config.yaml", "results.json"):
+        assert (run / name).is_file(), name
+    results = _results(run)
+    assert results["deploy"] is True and results["backbone"] == "repmlp_res_tiny"
+    assert results["reparam"]["relative_error"] <= 1e-4
+    assert results["metrics"]["test/top1"] > 0.6  # chance is 0.1 on the 10-class demo set
+    assert any(demo_root.iterdir())  # the demo set was generated into the cache folder
+
+
+def test_deploy_and_train_checkpoints_give_the_same_accuracy(demo_run):
+    cwd, demo_root, run, _ = demo_run
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    _ok(_cli("test", "--ckpt_path", str(run / "deploy.ckpt"), cwd=cwd, demo_root=demo_root))
+    _ok(_cli("test", "--ckpt_path", str(best), cwd=cwd, demo_root=demo_root))
+    deploy, train = _results(run.parent / "version_1"), _results(run.parent / "version_2")
+    assert deploy["deploy"] is True and train["deploy"] is False
+    for key in ("test/top1", "test/top5"):
+        assert deploy["metrics"][key] == train["metrics"][key] == _results(run)["metrics"][key]
+    assert deploy["params"] < train["params"]
+
+
+def test_predict_writes_top5_csv(demo_run, tmp_path):
+    cwd, demo_root, run, _ = demo_run
+    images = tmp_path / "imgs"
+    val = next(demo_root.glob("classification-*")) / "val"
+    for cls in ("circle", "star"):
+        (images / cls).mkdir(parents=True)
+        for f in sorted((val / cls).iterdir())[:3]:
+            shutil.copy(f, images / cls / f.name)
+    out = tmp_path / "pred.csv"
+    _ok(_cli("predict", "--ckpt_path", str(run / "deploy.ckpt"), "--data.predict_root", str(images),
+             "--predictions.path", str(out), cwd=cwd, demo_root=demo_root))
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 6 and list(rows[0])[:3] == ["path", "label_1", "score_1"] and "score_5" in rows[0]
+    correct = sum(Path(r["path"]).parent.name == r["label_1"] for r in rows)
+    assert correct >= 5
+    for r in rows:
+        scores = [float(r[f"score_{i}"]) for i in range(1, 6)]
+        assert scores == sorted(scores, reverse=True) and sum(scores) <= 1.0 + 1e-5
+
+
+# --------------------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory) -> Path:
+    return classification_demo(tmp_path_factory.mktemp("small"), train_per_class=4, val_per_class=2, image_size=72)
+
+
+def _copy(root: Path, tmp_path: Path) -> Path:
+    shutil.copytree(root, tmp_path / "data")
+    return tmp_path / "data"
+
+
+def test_missing_data_root(tmp_path):
+    proc = _cli("fit", "--data.root", str(tmp_path / "missing"), *QUICK, cwd=tmp_path, demo_root=tmp_path)
+    _failed(proc, f"data root {tmp_path / 'missing'} does not exist")
+
+
+def test_empty_class_folder(small_root, tmp_path):
+    root = _copy(small_root, tmp_path)
+    for f in (root / "train" / "dots").iterdir():
+        f.unlink()
+    proc = _cli("fit", "--data.root", str(root), *QUICK, cwd=tmp_path, demo_root=tmp_path)
+    _failed(proc, "empty class folder", str(root / "train" / "dots"))
+
+
+def test_corrupt_jpeg_stops_or_is_skipped_on_request(small_root, tmp_path):
+    root = _copy(small_root, tmp_path)
+    victim = sorted((root / "val" / "ring").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:200])
+    _failed(_cli("validate", "--data.root", str(root), *QUICK, cwd=tmp_path, demo_root=tmp_path),
+            "cannot decode image", str(victim))
+    proc = _ok(_cli("validate", "--data.root", str(root), "--data.skip_corrupt", "true", *QUICK,
+                    cwd=tmp_path, demo_root=tmp_path))
+    assert f"skip_corrupt: cannot decode image {victim}" in proc.stderr
+
+
+def test_deploy_checkpoint_of_another_backbone(demo_run, tmp_path):
+    cwd, demo_root, run, _ = demo_run
+    proc = _cli("test", "--ckpt_path", str(run / "deploy.ckpt"), "--model.backbone", "resnet_tiny",
+                cwd=tmp_path, demo_root=demo_root)
+    _failed(proc, "holds backbone 'repmlp_res_tiny', but this run builds 'resnet_tiny'")
+
+
+def test_class_count_mismatch(demo_run, small_root, tmp_path):
+    cwd, demo_root, run, _ = demo_run
+    root = _copy(small_root, tmp_path)
+    for split in ("train", "val"):
+        for cls in ("dots", "ring", "star"):
+            shutil.rmtree(root / split / cls)
+    proc = _cli("test", "--ckpt_path", str(run / "deploy.ckpt"), "--data.root", str(root), *QUICK,
+                cwd=tmp_path, demo_root=demo_root)
+    _failed(proc, "class-count mismatch", "has 10 classes, this run has 7")
+
+
+def test_seed_must_be_an_integer(tmp_path):
+    proc = _cli("fit", "--seed_everything", "true", *QUICK, cwd=tmp_path, demo_root=tmp_path)
+    _failed(proc, "seed_everything must be an explicit integer")
+
+
+def test_paper_configs_parse(tmp_path):
+    for name in ("resnet50", "repmlp_res50_g8_224", "repmlp_res50_light_224", "repmlp_res50_g4_8_320"):
+        config = REPO / "configs" / "classification" / f"{name}.yaml"
+        proc = _ok(_cli("fit", "-c", str(config), "--print_config", cwd=tmp_path, demo_root=tmp_path))
+        assert f"backbone: {name}" in proc.stdout and "max_epochs: 100" in proc.stdout
+        assert "lr: 0.1" in proc.stdout and "label_smoothing: 0.1" in proc.stdout

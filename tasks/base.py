@@ -248,6 +248,7 @@ class ReparamTask(pl.LightningModule):
             "metrics": metrics,
             "params": count_params(self),
             "macs": macs,
+            "flops": 2 * macs,  # FlopCounterMode convention: one multiply-add = 2 FLOPs
             "input_size": list(self.input_size),
             "reparam": self.reparam_info,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -283,3 +283,35 @@ def repmlp_res_tiny(**kwargs: Any) -> ResNet:
 def repmlp_res_light_tiny(**kwargs: Any) -> ResNet:
     """Tiny RepMLP-ResNet with Light blocks."""
     return _resnet({**_TINY_REPMLP, "repmlp_block": "light"}, kwargs)
+
+
+# ------------------------------------------------------------------------------- dilated (segmentation)
+# Output stride 8 as in mmseg's "D8" models: c4 and c5 keep the c3 resolution through dilation 2 and 4.
+_D8 = dict(strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4), num_classes=0)
+
+
+@register_model
+def resnet50_v1c_d8(**kwargs: Any) -> ResNet:
+    """ResNet-50 V1c, output stride 8: the backbone of mmseg's PSPNet-R50-D8 (headless)."""
+    return _resnet({**_R50, **_D8, "deep_stem": True}, kwargs)
+
+
+@register_model
+def repmlp_res50_g4_8_d8_713(**kwargs: Any) -> ResNet:
+    """RepMLP-Res50 g4/8, output stride 8, for a 713x713 crop: c3 and c4 maps are 90x90, h=w=10,
+    K=1,3,5,7, Global Perceptron fc1/fc2 reduced 4x in c3 and 8x in c4 (the paper's PSPNet backbone)."""
+    return _resnet({**_R50, **_D8, "img_size": 713, "repmlp_stages": (3, 4), "partition": 10,
+                    "kernels": (1, 3, 5, 7), "groups": (1, 4, 8, 1), "bottleneck_r": (1, 2, 4, 1),
+                    "fc1_reduction": (1, 4, 8, 1)}, kwargs)
+
+
+@register_model
+def resnet_tiny_d8(**kwargs: Any) -> ResNet:
+    """Tiny V1c ResNet with output stride 8 (tests and the segmentation demo; any input size)."""
+    return _resnet({**_TINY, **_D8, "deep_stem": True, "img_size": 128}, kwargs)
+
+
+@register_model
+def repmlp_res_tiny_d8(**kwargs: Any) -> ResNet:
+    """Tiny RepMLP-ResNet with output stride 8 for a 128x128 crop: c3, c4 maps 16x16, h=w=8."""
+    return _resnet({**_TINY_REPMLP, **_D8, "img_size": 128, "partition": 8}, kwargs)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+import albumentations as A
 import cv2
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from torch.utils.data import Dataset, get_worker_info
 __all__ = [
     "IMG_EXTENSIONS",
     "CorruptImageError",
+    "SeedPerStepCompose",
     "read_image",
     "find_classes",
     "list_samples",
@@ -108,6 +110,23 @@ def list_images(folder: str | os.PathLike) -> list[str]:
     return files
 
 
+class SeedPerStepCompose(A.Compose):
+    """``A.Compose`` whose ``set_random_seed(seed)`` gives every step its own seed derived from ``seed``.
+
+    albumentations 2.x gives every step the *same* seed, so their random streams are identical
+    and, e.g., the flip decision and the brightness offset are correlated. Here the step seeds
+    come from ``numpy.random.SeedSequence(seed).spawn``.
+    """
+
+    def set_random_seed(self, seed: Optional[int]) -> None:
+        super().set_random_seed(seed)
+        if seed is None:
+            return
+        for transform, child in zip(self.transforms, np.random.SeedSequence(seed).spawn(len(self.transforms))):
+            if hasattr(transform, "set_random_seed"):
+                transform.set_random_seed(int(child.generate_state(1)[0]))
+
+
 class _ImageDataset(Dataset):
     """Shared decoding, corrupt-file policy and per-worker augmentation seeding."""
 
@@ -135,6 +154,8 @@ class _ImageDataset(Dataset):
 
     def _load(self, index: int) -> tuple[int, np.ndarray]:
         """The image at ``index``, or with ``skip_corrupt`` the next readable one."""
+        if not 0 <= index < len(self.paths):
+            raise IndexError(f"index {index} out of range for {len(self.paths)} images")  # ends iteration
         for attempt in range(len(self.paths)):
             i = (index + attempt) % len(self.paths)
             try:

@@ -19,7 +19,7 @@ from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset
 
 from .demo import classification_demo
-from .image_folder import ImageFolder, ImageList, find_classes, list_images, list_samples
+from .image_folder import ImageFolder, ImageList, SeedPerStepCompose, find_classes, list_images, list_samples
 
 __all__ = ["ImageNetDataModule", "IMAGENET_MEAN", "IMAGENET_STD", "train_transform", "eval_transform"]
 
@@ -40,7 +40,7 @@ def train_transform(
     std: tuple[float, float, float] = IMAGENET_STD,
 ) -> A.Compose:
     """RandomResizedCrop + horizontal flip + normalize → float tensor ``(3, H, W)``."""
-    return A.Compose([
+    return SeedPerStepCompose([
         A.RandomResizedCrop(size=_hw(size), scale=tuple(scale)),
         A.HorizontalFlip(p=0.5),
         A.Normalize(mean=mean, std=std),
@@ -58,7 +58,7 @@ def eval_transform(
     h, w = _hw(size)
     if not 0 < crop_ratio <= 1:
         raise ValueError(f"val_crop_ratio must be in (0, 1], got {crop_ratio}")
-    return A.Compose([
+    return SeedPerStepCompose([
         A.SmallestMaxSize(max_size=int(round(max(h, w) / crop_ratio))),
         A.CenterCrop(height=h, width=w),
         A.Normalize(mean=mean, std=std),

@@ -56,7 +56,9 @@ class ReparamTask(pl.LightningModule):
         no_decay_bn_bias: no weight decay on 1-D parameters (BN weights and biases, all biases).
         warmup_epochs: linear warm-up length in epochs (fractions allowed); stepped every batch.
         warmup_start_factor: learning rate at step 0 as a fraction of ``lr``.
-        min_lr: learning rate at the end of the cosine decay.
+        min_lr: learning rate at the end of the decay.
+        schedule: after warm-up, ``"cosine"`` decay or mmseg's ``"poly"``: ``(1 - t)^poly_power``.
+        poly_power: exponent of the poly decay.
     """
 
     task_name = "task"
@@ -75,10 +77,14 @@ class ReparamTask(pl.LightningModule):
         warmup_epochs: float = 0.0,
         warmup_start_factor: float = 0.01,
         min_lr: float = 0.0,
+        schedule: Literal["cosine", "poly"] = "cosine",
+        poly_power: float = 0.9,
     ) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"model.optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+        if schedule not in ("cosine", "poly"):
+            raise ValueError(f"model.schedule must be 'cosine' or 'poly', got {schedule!r}")
         self.save_hyperparameters()  # collects the subclass's arguments too
         self.backbone_name = backbone
         self.backbone_kwargs = dict(backbone_kwargs or {})
@@ -93,6 +99,16 @@ class ReparamTask(pl.LightningModule):
 
     def build_backbone(self, deploy: bool) -> nn.Module:
         return create(self.backbone_name, deploy=deploy, **self.backbone_args())
+
+    def build_model(self, deploy: bool) -> None:
+        """(Re)build every module that has a train-time and a deploy form (the backbone; subclasses
+        add heads). Called from ``__init__`` and when a checkpoint's mode differs from the task's."""
+        self.backbone = self.build_backbone(deploy)
+        self.deploy = deploy
+
+    def translate_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Hook: rename the keys of a foreign checkpoint (e.g. mmseg) to this task's layout."""
+        return state_dict
 
     def backbone_spec(self) -> dict[str, Any]:
         """The architecture and its arguments, enough to rebuild the backbone: ``create(name, **kwargs)``."""
@@ -144,6 +160,7 @@ class ReparamTask(pl.LightningModule):
     def load_weights(self, path: str) -> None:
         """Load a checkpoint's weights (``weights_only=True``) into this task, with clear errors."""
         state_dict, meta = load_state_dict_file(path)
+        state_dict = self.translate_state_dict(state_dict)
         checkpoint = {"state_dict": state_dict, **meta}
         self._align_with_checkpoint(checkpoint, path)
         self.load_state_dict(state_dict, strict=True)
@@ -180,8 +197,7 @@ class ReparamTask(pl.LightningModule):
                 )
             self._convert_structure()
         elif not ckpt_deploy and self.deploy:
-            self.backbone = self.build_backbone(deploy=False)
-            self.deploy = False
+            self.build_model(deploy=False)
         hints = self.mismatch_hints(state_dict)
         if spec.get("kwargs") is not None and spec["kwargs"] != _plain(self.backbone_args()):
             hints.append(f"checkpoint backbone arguments {spec['kwargs']} differ from this run's {_plain(self.backbone_args())}")
@@ -208,12 +224,14 @@ class ReparamTask(pl.LightningModule):
         return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
     def lr_factor(self, step: int, total_steps: int, warmup_steps: int) -> float:
-        """Multiplier of ``lr`` at optimizer step ``step``: linear warm-up, then cosine to ``min_lr``."""
+        """Multiplier of ``lr`` at optimizer step ``step``: linear warm-up, then cosine or poly to ``min_lr``."""
         hp = self.hparams
         if step < warmup_steps:
             return hp.warmup_start_factor + (1.0 - hp.warmup_start_factor) * step / warmup_steps
         floor = hp.min_lr / hp.lr if hp.lr > 0 else 0.0
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if hp.schedule == "poly":
+            return floor + (1.0 - floor) * (1.0 - progress) ** hp.poly_power
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def configure_optimizers(self) -> Any:

@@ -54,7 +54,7 @@ class ClassificationTask(ReparamTask):
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
         self.topk = min(topk, num_classes)
-        self.backbone = self.build_backbone(self.deploy)
+        self.build_model(self.deploy)
         for stage in ("val", "test"):
             setattr(self, f"{stage}_top1", MulticlassAccuracy(num_classes, top_k=1, average="micro"))
             setattr(self, f"{stage}_top5", MulticlassAccuracy(num_classes, top_k=self.topk, average="micro"))

@@ -1,7 +1,6 @@
 """The pure tensor functions of backbones.reparam, each against the computation it replaces."""
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch

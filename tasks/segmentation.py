@@ -1,0 +1,326 @@
+"""Semantic segmentation: PSPNet (mmseg layout) on a dilated ResNet or RepMLP-ResNet backbone.
+
+    python -m tasks.segmentation fit                        # demo city, configs/segmentation/demo.yaml
+    python -m tasks.segmentation fit -c configs/segmentation/pspnet_repmlp_res50_713.yaml --data.root /data/cityscapes
+    python -m tasks.segmentation test -c CONFIG --ckpt_path runs/.../deploy.ckpt
+    python -m tasks.segmentation test -c configs/segmentation/pspnet_r50_d8_512x1024.yaml --ckpt_path mmseg.pth
+
+Module names follow mmseg's ``EncoderDecoder`` (``backbone``, ``decode_head``, ``auxiliary_head``),
+so an mmseg PSPNet checkpoint loads after renaming only the backbone's keys
+(:mod:`backbones.mmseg_compat`).
+
+A RepMLP backbone is built for one input size: the training crop. Inference therefore defaults
+to a sliding window of exactly that size (``inference="slide"``); windows that overrun the image
+are padded and the padding is cut from the logits, which are averaged where windows overlap.
+"""
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from typing import Any, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from backbones.decode_heads import FCNHead, PSPHead
+from backbones.mmseg_compat import convert_mmseg_state_dict, is_mmseg_checkpoint
+from callbacks.segmentation_png import SegmentationPNGWriter
+from datamodules.cityscapes import CityscapesDataModule
+from tasks.base import ReparamTask
+from tasks.cli import CONFIG_DIR, TaskCLI
+from tasks.segmentation_metric import SegmentationIoU
+
+__all__ = ["SegmentationTask", "SegmentationCLI", "main"]
+
+
+class SegmentationTask(ReparamTask):
+    """PSPNet: backbone c5 → PSPHead, c4 → auxiliary FCNHead; logits upsampled to the label size.
+
+    Args:
+        backbone: a registered dilated backbone (``resnet50_v1c_d8``, ``repmlp_res50_g4_8_d8_713``, ...).
+        backbone_kwargs: its arguments; ``img_size`` is the training crop and the sliding window.
+        num_classes: classes (linked to ``data.num_classes``).
+        class_names: names for the per-class IoU table (linked to ``data.classes``).
+        head_channels, pool_scales, aux_channels, dropout, align_corners: PSPHead / FCNHead settings.
+        aux_weight: weight of the auxiliary loss (0 removes the auxiliary head).
+        ignore_index: label value excluded from the loss and the metrics.
+        loss_average: ``"all"`` (default, mmseg's ``avg_non_ignore=False``): the loss is averaged
+            over all pixels, ignored ones adding 0; ``"non_ignored"``: over labelled pixels only.
+        inference: ``"slide"`` (windows of the backbone's input size) or ``"whole"`` (one forward).
+        slide_stride: window stride ``(h, w)``; default two thirds of the window.
+        flip: also predict the mirrored image and average the probabilities.
+        scales: image scales for multi-scale inference (probabilities averaged).
+        pretrained: backbone weights to start from (e.g. an ImageNet run's checkpoint); tensors
+            whose name and shape match are loaded, the others (the classifier, size-dependent
+            RepMLP layers) are reported and left initialized.
+        **kwargs: optimizer and schedule (see :class:`tasks.base.ReparamTask`).
+    """
+
+    task_name = "segmentation"
+
+    def __init__(
+        self,
+        backbone: str = "repmlp_res_tiny_d8",
+        backbone_kwargs: Optional[dict[str, Any]] = None,
+        num_classes: int = 19,
+        class_names: Optional[list[str]] = None,
+        head_channels: int = 512,
+        pool_scales: tuple[int, ...] = (1, 2, 3, 6),
+        aux_channels: int = 256,
+        aux_weight: float = 0.4,
+        dropout: float = 0.1,
+        align_corners: bool = False,
+        ignore_index: int = 255,
+        loss_average: Literal["all", "non_ignored"] = "all",
+        inference: Literal["slide", "whole"] = "slide",
+        slide_stride: Optional[tuple[int, int]] = None,
+        flip: bool = False,
+        scales: tuple[float, ...] = (1.0,),
+        pretrained: Optional[str] = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(backbone, backbone_kwargs, **kwargs)
+        if loss_average not in ("all", "non_ignored"):
+            raise ValueError(f"model.loss_average must be 'all' or 'non_ignored', got {loss_average!r}")
+        if inference not in ("slide", "whole"):
+            raise ValueError(f"model.inference must be 'slide' or 'whole', got {inference!r}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"model.class_names has {len(class_names)} names for {num_classes} classes")
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.build_model(self.deploy)
+        if slide_stride is not None and min(slide_stride) < 1:
+            raise ValueError(f"model.slide_stride must be positive, got {slide_stride}")
+        for stage in ("val", "test"):
+            setattr(self, f"{stage}_iou", SegmentationIoU(num_classes, ignore_index))
+        self.test_summary: Optional[dict[str, Any]] = None
+        if pretrained:
+            self.load_backbone_weights(pretrained)
+
+    # ------------------------------------------------------------------ model
+    def backbone_args(self) -> dict[str, Any]:
+        return {**self.backbone_kwargs, "num_classes": 0}
+
+    def build_model(self, deploy: bool) -> None:
+        super().build_model(deploy)
+        hp = self.hparams
+        widths = self.backbone.widths
+        self.decode_head = PSPHead(widths[3], self.num_classes, hp.head_channels, hp.pool_scales, hp.dropout,
+                                   hp.align_corners, deploy=deploy)
+        self.auxiliary_head = (
+            FCNHead(widths[2], self.num_classes, hp.aux_channels, dropout=hp.dropout, deploy=deploy)
+            if hp.aux_weight > 0 else None
+        )
+
+    def translate_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        if is_mmseg_checkpoint({"state_dict": state_dict}):
+            return convert_mmseg_state_dict(state_dict)
+        return state_dict
+
+    def load_backbone_weights(self, path: str) -> None:
+        from backbones.checkpoint import load_state_dict_file, strip_prefix
+
+        state_dict, _ = load_state_dict_file(path)
+        state_dict = strip_prefix(state_dict, "backbone.")
+        own = self.backbone.state_dict()
+        usable = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
+        if not usable:
+            raise ValueError(f"model.pretrained: no tensor of {path} fits backbone {self.backbone_name!r}")
+        self.backbone.load_state_dict(usable, strict=False)
+        skipped = sorted(set(own) - set(usable))
+        print(f"pretrained backbone {path}: {len(usable)} tensors loaded, {len(skipped)} left initialized"
+              + (f" (e.g. {', '.join(skipped[:3])})" if skipped else ""))
+
+    def _heads(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        stages = self.backbone.forward_stages(x)
+        aux = self.auxiliary_head(stages[2]) if self.auxiliary_head is not None and self.training else None
+        return self.decode_head(stages[3]), aux
+
+    def _resize(self, logits: Tensor, size: Sequence[int]) -> Tensor:
+        if tuple(logits.shape[-2:]) == tuple(size):
+            return logits
+        return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=self.hparams.align_corners)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, 3, H, W)`` → decode-head logits ``(N, num_classes, H, W)`` (one forward, no windows)."""
+        return self._resize(self._heads(x)[0], x.shape[-2:])
+
+    # ------------------------------------------------------------------ inference
+    @property
+    def window(self) -> tuple[int, int]:
+        return self.input_size
+
+    def batch_inputs(self, batch: Any) -> Tensor:
+        """A batch's images cut (or zero-padded) to one window, the only size a RepMLP backbone takes."""
+        images = batch[0]
+        hc, wc = self.window
+        h, w = images.shape[-2:]
+        images = images[..., :hc, :wc]
+        return F.pad(images, (0, max(0, wc - w), 0, max(0, hc - h)))
+
+    def slide_logits(self, images: Tensor) -> Tensor:
+        """Sliding-window logits ``(N, C, H, W)``: windows of the backbone's input size, logits averaged."""
+        hc, wc = self.window
+        hs, ws = self.hparams.slide_stride or (max(1, 2 * hc // 3), max(1, 2 * wc // 3))
+        n, _, h, w = images.shape
+        ph, pw = max(h, hc), max(w, wc)  # images smaller than a window are padded, then cropped back
+        padded = F.pad(images, (0, pw - w, 0, ph - h)) if (ph, pw) != (h, w) else images
+        rows = max(ph - hc + hs - 1, 0) // hs + 1
+        cols = max(pw - wc + ws - 1, 0) // ws + 1
+        logits = images.new_zeros((n, self.num_classes, ph, pw))
+        count = images.new_zeros((1, 1, ph, pw))
+        for r in range(rows):
+            for c in range(cols):
+                y1, x1 = min(r * hs, ph - hc), min(c * ws, pw - wc)
+                logits[:, :, y1:y1 + hc, x1:x1 + wc] += self(padded[:, :, y1:y1 + hc, x1:x1 + wc])
+                count[:, :, y1:y1 + hc, x1:x1 + wc] += 1
+        return (logits / count)[:, :, :h, :w]
+
+    def predict_probs(self, images: Tensor) -> Tensor:
+        """Class probabilities ``(N, C, H, W)`` at the input resolution, over scales and flips."""
+        hp = self.hparams
+        size = images.shape[-2:]
+        total, n = None, 0
+        for scale in hp.scales:
+            scaled = images if scale == 1 else F.interpolate(
+                images, scale_factor=scale, mode="bilinear", align_corners=hp.align_corners)
+            for flip in ((False, True) if hp.flip else (False,)):
+                x = scaled.flip(-1) if flip else scaled
+                logits = self.slide_logits(x) if hp.inference == "slide" else self(x)
+                logits = self._resize(logits.flip(-1) if flip else logits, size)
+                probs = logits.softmax(1)
+                total = probs if total is None else total + probs
+                n += 1
+        return total / n
+
+    # ------------------------------------------------------------------ steps
+    def _check_labels(self, labels: Tensor) -> None:
+        bad = (labels != self.hparams.ignore_index) & ((labels < 0) | (labels >= self.num_classes))
+        if bad.any():
+            raise ValueError(
+                f"label value {int(labels[bad][0])} out of range: expected 0..{self.num_classes - 1} "
+                f"or {self.hparams.ignore_index} (model.ignore_index)"
+            )
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy of ``(N, C, h, w)`` logits resized to the ``(N, H, W)`` labels."""
+        logits = self._resize(logits, labels.shape[-2:])
+        if self.hparams.loss_average == "non_ignored":
+            return F.cross_entropy(logits, labels, ignore_index=self.hparams.ignore_index)
+        return F.cross_entropy(logits, labels, ignore_index=self.hparams.ignore_index, reduction="none").mean()
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images, labels = batch
+        self._check_labels(labels)
+        decode, aux = self._heads(images)
+        loss_decode = self.loss(decode, labels)
+        loss = loss_decode
+        if aux is not None:
+            loss_aux = self.loss(aux, labels)
+            loss = loss + self.hparams.aux_weight * loss_aux
+            self.log("train/loss_aux", loss_aux, on_step=True, on_epoch=False)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def _eval_step(self, batch: Any, stage: str) -> None:
+        images, labels = batch
+        self._check_labels(labels)
+        probs = self.predict_probs(images)
+        getattr(self, f"{stage}_iou").update(probs.argmax(1), labels)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _log_iou(self, stage: str) -> dict[str, Any]:
+        metric = getattr(self, f"{stage}_iou")
+        result = metric.compute()  # summed over ranks
+        metric.reset()
+        self.log(f"{stage}/mIoU", result["miou"].float(), prog_bar=True)
+        self.log(f"{stage}/aAcc", result["aacc"].float())
+        return {
+            "mIoU": float(result["miou"]),
+            "aAcc": float(result["aacc"]),
+            "per_class_iou": {name: (None if math.isnan(v) else v) for name, v in zip(self.class_names, result["iou"].tolist())},
+        }
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_iou("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.test_summary = self._log_iou("test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        """``{"paths", "labels" (N, H, W) uint8 trainIds}``."""
+        images, paths = batch
+        return {"paths": list(paths), "labels": self.predict_probs(images).argmax(1).to(torch.uint8).cpu()}
+
+    def results(self) -> dict[str, Any]:
+        out = super().results()
+        if self.test_summary is not None:
+            out["per_class_iou"] = self.test_summary["per_class_iou"]
+        out["inference"] = {k: self.hparams[k] for k in ("inference", "slide_stride", "flip", "scales")}
+        out["window"] = list(self.window)
+        return out
+
+
+class SegmentationCLI(TaskCLI):
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_lightning_class_args(SegmentationPNGWriter, "predictions")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.classes", "model.class_names", apply_on="instantiate")
+
+    def _lightning_ckpt(self, subcommand: str) -> None:
+        """Let ``--ckpt_path`` name an mmseg checkpoint: rewrite it as a Lightning checkpoint first."""
+        config = self.config_init[subcommand]
+        path = config.get("ckpt_path")
+        if not path or not os.path.isfile(path):
+            return
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if not is_mmseg_checkpoint(checkpoint):
+            return
+        folder = tempfile.mkdtemp(prefix="mmseg-ckpt-")
+        atexit.register(shutil.rmtree, folder, True)
+        converted = os.path.join(folder, os.path.basename(path))
+        import pytorch_lightning as pl
+
+        torch.save({
+            "state_dict": convert_mmseg_state_dict(checkpoint["state_dict"]),
+            "pytorch-lightning_version": pl.__version__,
+            "deploy": False,
+            "source": f"mmseg checkpoint {path}",
+        }, converted)
+        print(f"mmseg checkpoint {path}: backbone keys renamed to this project's layout")
+        config["ckpt_path"] = converted
+
+    def before_validate(self) -> None:
+        self._lightning_ckpt("validate")
+
+    def before_test(self) -> None:
+        self._lightning_ckpt("test")
+
+    def before_predict(self) -> None:
+        self._lightning_ckpt("predict")
+
+
+def main(args: Optional[list[str]] = None, run: bool = True) -> SegmentationCLI:
+    return SegmentationCLI(
+        SegmentationTask,
+        CityscapesDataModule,
+        demo_config=CONFIG_DIR / "segmentation" / "demo.yaml",
+        args=args,
+        run=run,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -615,6 +615,10 @@ class CityscapesDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if len(self.datasets["train"]) < self.batch_size:  # drop_last would leave no batch at all
+            raise ValueError(
+                f"data.batch_size {self.batch_size} exceeds the {len(self.datasets['train'])} training images"
+            )
         return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:

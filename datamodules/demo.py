@@ -466,7 +466,7 @@ def street_scene(rng: np.random.Generator, width: int = 256, height: int = 128) 
 
 def cityscapes_demo(
     root: Optional[str | os.PathLike] = None,
-    train_images: int = 60,
+    train_images: int = 160,
     val_images: int = 16,
     width: int = 256,
     height: int = 128,

@@ -180,6 +180,10 @@ class ImageNetDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if len(self.datasets["train"]) < self.batch_size:  # drop_last would leave no batch at all
+            raise ValueError(
+                f"data.batch_size {self.batch_size} exceeds the {len(self.datasets['train'])} training images"
+            )
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

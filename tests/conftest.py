@@ -1,6 +1,9 @@
 """Shared test helpers: randomized BN statistics make every fusion test meaningful."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,3 +36,27 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# --------------------------------------------------------------------------- end-to-end helpers
+def run_task(task: str, *args: str, cwd: Path, demo_root: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m tasks.<task> ARGS`` in ``cwd``, with the demo cache in ``demo_root``."""
+    env = {**os.environ, "REPMLP_DEMO_ROOT": str(demo_root), "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", f"tasks.{task}", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def assert_failed(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """The command failed and its error output contains every ``needle``."""
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr[-4000:]
+
+
+def read_results(folder: Path) -> dict:
+    return json.loads((folder / "results.json").read_text())

@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from datamodules.demo import classification_demo
-from conftest import REPO
+from conftest import REPO, assert_failed as _failed, assert_ok as _ok, read_results as _results, run_task
 
 QUICK = [
     "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
@@ -20,25 +18,8 @@ QUICK = [
 ]
 
 
-def _cli(*args: str, cwd: Path, demo_root: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "REPMLP_DEMO_ROOT": str(demo_root), "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "tasks.classification", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
-
-def _failed(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode != 0, proc.stdout[-2000:]
-    for needle in needles:
-        assert needle in proc.stderr, proc.stderr[-4000:]
-
-
-def _results(folder: Path) -> dict:
-    return json.loads((folder / "results.json").read_text())
+def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return run_task("classification", *args, **kwargs)
 
 
 @pytest.fixture(scope="module")

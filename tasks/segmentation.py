@@ -58,6 +58,9 @@ class SegmentationTask(ReparamTask):
         pretrained: backbone weights to start from (e.g. an ImageNet run's checkpoint); tensors
             whose name and shape match are loaded, the others (the classifier, size-dependent
             RepMLP layers) are reported and left initialized.
+        mmseg_heads: build PSPHead and FCNHead from mmsegmentation itself (``pip install -e .[mmseg]``)
+            instead of the project's heads; same state-dict keys, same outputs (tested). Their BNs
+            are not folded at deploy (mmcv's ConvModule has no deploy form).
         **kwargs: optimizer and schedule (see :class:`tasks.base.ReparamTask`).
     """
 
@@ -82,6 +85,7 @@ class SegmentationTask(ReparamTask):
         flip: bool = False,
         scales: tuple[float, ...] = (1.0,),
         pretrained: Optional[str] = None,
+        mmseg_heads: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(backbone, backbone_kwargs, **kwargs)
@@ -110,12 +114,35 @@ class SegmentationTask(ReparamTask):
         super().build_model(deploy)
         hp = self.hparams
         widths = self.backbone.widths
+        if hp.mmseg_heads:
+            self._build_mmseg_heads(widths)
+            return
         self.decode_head = PSPHead(widths[3], self.num_classes, hp.head_channels, hp.pool_scales, hp.dropout,
                                    hp.align_corners, deploy=deploy)
         self.auxiliary_head = (
             FCNHead(widths[2], self.num_classes, hp.aux_channels, dropout=hp.dropout, deploy=deploy)
             if hp.aux_weight > 0 else None
         )
+
+    def _build_mmseg_heads(self, widths: Sequence[int]) -> None:
+        try:
+            from mmseg.models.decode_heads import FCNHead as MMSegFCNHead
+            from mmseg.models.decode_heads import PSPHead as MMSegPSPHead
+        except ImportError as exc:
+            raise ImportError(
+                f"model.mmseg_heads=true needs mmsegmentation with a compiled mmcv ({exc}); "
+                "install the mmcv wheel, then pip install -e .[mmseg]"
+            ) from exc
+        hp = self.hparams
+        norm = dict(type="BN", requires_grad=True)
+        # in_index picks c5 / c4 from the list of stage outputs the heads are given
+        self.decode_head = MMSegPSPHead(
+            in_channels=widths[3], in_index=3, channels=hp.head_channels, pool_scales=tuple(hp.pool_scales),
+            dropout_ratio=hp.dropout, num_classes=self.num_classes, norm_cfg=norm, align_corners=hp.align_corners)
+        self.auxiliary_head = MMSegFCNHead(
+            in_channels=widths[2], in_index=2, channels=hp.aux_channels, num_convs=1, concat_input=False,
+            dropout_ratio=hp.dropout, num_classes=self.num_classes, norm_cfg=norm,
+            align_corners=hp.align_corners) if hp.aux_weight > 0 else None
 
     def translate_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         if is_mmseg_checkpoint({"state_dict": state_dict}):
@@ -138,8 +165,10 @@ class SegmentationTask(ReparamTask):
 
     def _heads(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         stages = self.backbone.forward_stages(x)
-        aux = self.auxiliary_head(stages[2]) if self.auxiliary_head is not None and self.training else None
-        return self.decode_head(stages[3]), aux
+        # mmseg's heads take the list of stages and pick their in_index; the project's take one map
+        decode_in, aux_in = (stages, stages) if self.hparams.mmseg_heads else (stages[3], stages[2])
+        aux = self.auxiliary_head(aux_in) if self.auxiliary_head is not None and self.training else None
+        return self.decode_head(decode_in), aux
 
     def _resize(self, logits: Tensor, size: Sequence[int]) -> Tensor:
         if tuple(logits.shape[-2:]) == tuple(size):

@@ -30,10 +30,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from albumentations.pytorch import ToTensorV2
-from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from .demo import cityscapes_demo
+from .eval_sampler import distributed_eval_sampler
 from .image_folder import CorruptImageError, ImageList, SeedPerStepCompose, _ImageDataset, list_images, read_image
 from .imagenet import IMAGENET_MEAN, IMAGENET_STD, _hw
 
@@ -58,7 +58,6 @@ __all__ = [
     "train_transform",
     "eval_transform",
     "CityscapesSegmentation",
-    "distributed_eval_sampler",
     "CityscapesDataModule",
 ]
 
@@ -456,21 +455,6 @@ class CityscapesSegmentation(_ImageDataset):
         self._seed_transform()
         out = self.transform(image=image, mask=label)
         return out["image"], torch.as_tensor(out["mask"]).long()
-
-
-def distributed_eval_sampler(dataset: Dataset) -> Optional[Sampler]:
-    """A sampler that gives each DDP rank a disjoint share of ``dataset`` (no padding duplicates).
-
-    Lightning's own val/test DistributedSampler repeats samples to even out the ranks, which
-    would count those images twice in a dataset-level mIoU. ``None`` when not distributed.
-    """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
-        return None
-    world = dist.get_world_size()
-    if len(dataset) < world:  # UnrepeatedDistributedSampler would fail on a bare assert
-        raise ValueError(f"evaluation set of {len(dataset)} images is smaller than the {world} DDP processes")
-    return UnrepeatedDistributedSampler(dataset, shuffle=False)
 
 
 # --------------------------------------------------------------------------- datamodule

@@ -19,6 +19,7 @@ from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset
 
 from .demo import classification_demo
+from .eval_sampler import distributed_eval_sampler
 from .image_folder import ImageFolder, ImageList, SeedPerStepCompose, find_classes, list_images, list_samples
 
 __all__ = ["ImageNetDataModule", "IMAGENET_MEAN", "IMAGENET_STD", "train_transform", "eval_transform"]
@@ -174,6 +175,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=shuffle,
             drop_last=shuffle,
+            sampler=None if shuffle else distributed_eval_sampler(self.datasets[name]),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,

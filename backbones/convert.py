@@ -34,6 +34,7 @@ from .checkpoint import (
     state_dict_mode,
     strip_prefix,
 )
+from .complexity import count_params, input_channels
 from .registry import create
 from .reparam import model_relative_error, reparameterize_model
 
@@ -42,17 +43,6 @@ __all__ = ["ConversionError", "convert_checkpoint", "main"]
 
 class ConversionError(ValueError):
     """The converted model does not reproduce the train-time model within the tolerance."""
-
-
-def _num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _in_channels(model: nn.Module) -> int:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels
-    raise ValueError("cannot find the input channels: the model has no Conv2d")
 
 
 def _img_size(model: nn.Module) -> tuple[int, int]:
@@ -146,9 +136,9 @@ def convert_checkpoint(
     deploy = reparameterize_model(model)
     generator = torch.Generator().manual_seed(seed)
     dtype = next(model.parameters()).dtype
-    x = torch.randn(2, _in_channels(model), *_img_size(model), generator=generator).to(dtype)
+    x = torch.randn(2, input_channels(model), *_img_size(model), generator=generator).to(dtype)
     error = model_relative_error(model, deploy, x)
-    train_params, deploy_params = _num_params(model), _num_params(deploy)
+    train_params, deploy_params = count_params(model), count_params(deploy)
     say(f"params: train {train_params / 1e6:.4f}M, deploy {deploy_params / 1e6:.4f}M")
     say(f"max relative error: {error:.3e} (tolerance {tolerance:.1e}, eval mode, input {tuple(x.shape)}, seed {seed})")
     if not error <= tolerance:  # also catches NaN

@@ -27,13 +27,12 @@ from typing import Any, Optional
 import albumentations as A
 import cv2
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from albumentations.pytorch import ToTensorV2
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .demo import cityscapes_demo
-from .eval_sampler import distributed_eval_sampler
+from .split_loaders import SplitDataModule
 from .image_folder import CorruptImageError, ImageList, SeedPerStepCompose, _ImageDataset, list_images, read_image
 from .imagenet import IMAGENET_MEAN, IMAGENET_STD, _hw
 
@@ -458,7 +457,7 @@ class CityscapesSegmentation(_ImageDataset):
 
 
 # --------------------------------------------------------------------------- datamodule
-class CityscapesDataModule(pl.LightningDataModule):
+class CityscapesDataModule(SplitDataModule):
     """Cityscapes fine-annotation semantic segmentation (19 classes, 255 = ignore).
 
     Batches: train ``(images (N, 3, h, w) float, labels (N, h, w) int64)`` with ``(h, w) =
@@ -583,33 +582,3 @@ class CityscapesDataModule(pl.LightningDataModule):
             else:
                 paths = [image for image, _ in list_pairs(self.data_root, self.test_split, require_labels=False)]
             self.datasets["predict"] = ImageList(paths, eval_transform(self.mean, self.std), skip_corrupt=False)
-
-    # ------------------------------------------------------------------ loaders
-    def _loader(self, name: str, train: bool) -> DataLoader:
-        dataset = self.datasets[name]
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if train else self.val_batch_size,
-            shuffle=train,
-            drop_last=train,
-            sampler=None if train else distributed_eval_sampler(dataset),
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        if len(self.datasets["train"]) < self.batch_size:  # drop_last would leave no batch at all
-            raise ValueError(
-                f"data.batch_size {self.batch_size} exceeds the {len(self.datasets['train'])} training images"
-            )
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", train=False)

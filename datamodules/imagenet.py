@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Optional
 
 import albumentations as A
-import pytorch_lightning as pl
 from albumentations.pytorch import ToTensorV2
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .demo import classification_demo
-from .eval_sampler import distributed_eval_sampler
+from .split_loaders import SplitDataModule
 from .image_folder import ImageFolder, ImageList, SeedPerStepCompose, find_classes, list_images, list_samples
 
 __all__ = ["ImageNetDataModule", "IMAGENET_MEAN", "IMAGENET_STD", "train_transform", "eval_transform"]
@@ -67,7 +66,7 @@ def eval_transform(
     ])
 
 
-class ImageNetDataModule(pl.LightningDataModule):
+class ImageNetDataModule(SplitDataModule):
     """Class-per-folder classification data.
 
     Batches are ``(images (N, 3, H, W) float, labels (N,) int64)``; predict batches are
@@ -106,7 +105,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.root = root
         self.image_size = _hw(image_size)
-        self.batch_size = batch_size
+        self.batch_size = self.val_batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
@@ -167,32 +166,3 @@ class ImageNetDataModule(pl.LightningDataModule):
             folder = Path(self.predict_root) if self.predict_root else self.data_root / self.test_split
             transform = eval_transform(self.image_size, self.val_crop_ratio, self.mean, self.std)
             self.datasets["predict"] = ImageList(list_images(folder), transform, self.skip_corrupt)
-
-    # ------------------------------------------------------------------ loaders
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.datasets[name],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
-            sampler=None if shuffle else distributed_eval_sampler(self.datasets[name]),
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        if len(self.datasets["train"]) < self.batch_size:  # drop_last would leave no batch at all
-            raise ValueError(
-                f"data.batch_size {self.batch_size} exceeds the {len(self.datasets['train'])} training images"
-            )
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", shuffle=False)

@@ -26,7 +26,7 @@ from datamodules.cityscapes import (
     train_transform,
 )
 from datamodules.demo import cityscapes_demo
-from datamodules.eval_sampler import distributed_eval_sampler
+from datamodules.split_loaders import distributed_eval_sampler
 from datamodules.image_folder import read_image
 from datamodules.imagenet import IMAGENET_MEAN, IMAGENET_STD
 

@@ -11,7 +11,8 @@
 - ``fit`` is followed by ``test`` of the converted model (``--test_after_fit false`` to skip);
 - ``--ckpt_path`` loads weights into the model the config describes (use the run's saved
   ``config.yaml``); a checkpoint of another backbone, class count or mode is explained, and a
-  deploy checkpoint turns the model into its deploy structure before loading.
+  deploy checkpoint turns the model into its deploy structure before loading; checkpoints are
+  read with ``weights_only=True`` unless ``--weights_only false`` is given.
 """
 from __future__ import annotations
 
@@ -91,6 +92,12 @@ class TaskCLI(LightningCLI):
         # the config decides what is built, and a checkpoint that does not fit it is an error that
         # says why (ReparamTask.on_load_checkpoint) rather than a silent swap of the backbone.
         return
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if "weights_only" in kwargs and kwargs["weights_only"] is None:
+            kwargs["weights_only"] = True  # --ckpt_path files are unpickled safely unless asked otherwise
+        return kwargs
 
     def _set_seed(self) -> None:
         # Checked before Lightning turns ``true`` into a seed taken from the environment (or 0).

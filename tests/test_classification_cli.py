@@ -154,3 +154,18 @@ def test_ddp_fit_converts_on_every_rank_without_hanging(small_root, tmp_path):
     meta = json.loads((run / "deploy.json").read_text())
     assert meta["relative_error"] <= 1e-4 and (run / "deploy.safetensors").is_file()
     assert _results(run)["deploy"] is True
+
+
+class _Payload:
+    """Anything a weights-only unpickler must refuse to construct."""
+
+
+def test_ckpt_path_is_read_with_weights_only(demo_run, tmp_path):
+    import torch
+
+    cwd, demo_root, run, _ = demo_run
+    checkpoint = torch.load(run / "deploy.ckpt", weights_only=True)
+    checkpoint["payload"] = _Payload()
+    unsafe = tmp_path / "unsafe.ckpt"
+    torch.save(checkpoint, unsafe)
+    _failed(_cli("test", "--ckpt_path", str(unsafe), cwd=cwd, demo_root=demo_root), "weights_only", "_Payload")

@@ -238,7 +238,10 @@ def _flatten(output: Any) -> list[Tensor]:
 
 
 def max_relative_error(reference: Any, other: Any) -> float:
-    """``max|reference - other| / max|reference|`` over tensors, or nested lists/dicts of them."""
+    """``max|reference - other| / max|reference|`` over tensors, or nested lists/dicts of them.
+
+    NaN when either side has a non-finite value, so ``error <= tolerance`` fails for broken outputs.
+    """
     refs, others = _flatten(reference), _flatten(other)
     if len(refs) != len(others):
         raise ValueError(f"outputs differ in structure: {len(refs)} vs {len(others)} tensors")
@@ -247,6 +250,8 @@ def max_relative_error(reference: Any, other: Any) -> float:
         if a.shape != b.shape:
             raise ValueError(f"output shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
         a, b = a.detach().double(), b.detach().double()
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            return float("nan")
         scale = a.abs().max().item()
         diff = (a - b).abs().max().item()
         worst = max(worst, diff / scale if scale > 0 else diff)

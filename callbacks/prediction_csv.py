@@ -60,6 +60,10 @@ class TopKCSVWriter(BasePredictionWriter):
             self._writer.writerow([path] + [v for pair in zip(labels, (f"{s:.6f}" for s in sc)) for v in pair])
             self.rows += 1
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._file.close()
         if trainer.world_size > 1:

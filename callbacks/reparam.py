@@ -121,10 +121,12 @@ class ReparamCallback(pl.Callback):
             f"ReparamCallback: params {info['params_train']:,} -> {info['params_deploy']:,}; "
             f"max relative error {error:.3g} on a batch of {info['check_batch'][0]} (tolerance {self.tolerance:g})"
         )
-        if not error <= self.tolerance:  # also catches NaN
+        # Every rank checks its own batch; decide together so that no rank waits at a barrier for
+        # one that raised. NaN fails the comparison.
+        if not trainer.strategy.reduce_boolean_decision(bool(error <= self.tolerance), all=True):
             raise ReparamCheckError(
                 f"deploy conversion of {pl_module.backbone_name!r} changed the outputs: max relative error "
-                f"{error:.3g} > tolerance {self.tolerance:g} (reparam.tolerance) on a validation batch of shape "
+                f"{error:.3g} (this rank) > tolerance {self.tolerance:g} (reparam.tolerance) on a validation batch of shape "
                 f"{tuple(inputs.shape)}; no deploy files were written"
             )
         self._save(trainer, pl_module, info)

@@ -149,7 +149,10 @@ class _ImageDataset(Dataset):
         key = (os.getpid(), info.id if info else None)
         if key != self._seed_key:
             seed = info.seed if info else torch.initial_seed()
-            self.transform.set_random_seed(seed % 2**32)
+            # seed_everything gives every DDP rank the same torch seed: mix the rank in
+            dist = torch.distributed
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            self.transform.set_random_seed(int(np.random.SeedSequence([seed % 2**32, rank]).generate_state(1)[0]))
             self._seed_key = key
 
     def _load(self, index: int) -> tuple[int, np.ndarray]:

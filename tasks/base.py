@@ -36,6 +36,17 @@ __all__ = ["ReparamTask", "RESULTS_FILE"]
 RESULTS_FILE = "results.json"
 
 
+def _finite(value: Any) -> Any:
+    """NaN and infinities (e.g. mIoU of an unlabelled test split) as JSON null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _plain(value: Any) -> Any:
     """JSON-friendly copy (tuples → lists) of constructor arguments."""
     return json.loads(json.dumps(value, default=str))
@@ -241,9 +252,13 @@ class ReparamTask(pl.LightningModule):
             opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov)
         else:
             opt = torch.optim.AdamW(groups, lr=hp.lr, betas=(hp.momentum, 0.999))
-        total = int(self.trainer.estimated_stepping_batches)
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        warmup = int(round(hp.warmup_epochs * total / epochs))
+        trainer = self.trainer
+        total = int(trainer.estimated_stepping_batches)  # also sets up the train loader
+        if trainer.max_epochs and trainer.max_epochs > 0:
+            per_epoch = total / trainer.max_epochs
+        else:  # step-limited run (max_steps): one epoch is one pass over the train loader
+            per_epoch = trainer.num_training_batches / trainer.accumulate_grad_batches
+        warmup = min(total, int(round(hp.warmup_epochs * per_epoch)))
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.lr_factor(step, total, warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
@@ -278,5 +293,5 @@ class ReparamTask(pl.LightningModule):
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, RESULTS_FILE)
             with open(path, "w") as f:
-                json.dump(self.results(), f, indent=2)
+                json.dump(_finite(self.results()), f, indent=2, allow_nan=False)
             print(f"results written to {path}")

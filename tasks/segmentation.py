@@ -20,7 +20,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Optional
 
 import torch
@@ -98,8 +98,11 @@ class SegmentationTask(ReparamTask):
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.build_model(self.deploy)
-        if slide_stride is not None and min(slide_stride) < 1:
-            raise ValueError(f"model.slide_stride must be positive, got {slide_stride}")
+        if slide_stride is not None and not all(1 <= s <= w for s, w in zip(slide_stride, self.window)):
+            raise ValueError(
+                f"model.slide_stride {tuple(slide_stride)} must be between 1 and the window {self.window} "
+                "(a larger stride leaves pixels that no window covers)"
+            )
         for stage in ("val", "test"):
             setattr(self, f"{stage}_iou", SegmentationIoU(num_classes, ignore_index))
         self.test_summary: Optional[dict[str, Any]] = None
@@ -150,10 +153,12 @@ class SegmentationTask(ReparamTask):
         return state_dict
 
     def load_backbone_weights(self, path: str) -> None:
-        from backbones.checkpoint import load_state_dict_file, strip_prefix
+        from backbones.checkpoint import load_state_dict_file, select_prefix, strip_prefix
 
         state_dict, _ = load_state_dict_file(path)
-        state_dict = strip_prefix(state_dict, "backbone.")
+        state_dict = strip_prefix(state_dict)  # DDP's module.
+        if any(k.startswith("backbone.") for k in state_dict):  # a task checkpoint: keep its backbone
+            state_dict = select_prefix(state_dict, "backbone.")
         own = self.backbone.state_dict()
         usable = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
         if not usable:
@@ -314,8 +319,12 @@ class SegmentationCLI(TaskCLI):
         path = config.get("ckpt_path")
         if not path or not os.path.isfile(path):
             return
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        if not is_mmseg_checkpoint(checkpoint):
+        weights_only = config.get("weights_only") is not False
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
+        except Exception:  # noqa: BLE001 - not ours to judge: Lightning loads it and reports
+            return
+        if not isinstance(checkpoint, Mapping) or not is_mmseg_checkpoint(checkpoint):
             return
         folder = tempfile.mkdtemp(prefix="mmseg-ckpt-")
         atexit.register(shutil.rmtree, folder, True)

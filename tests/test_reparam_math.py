@@ -1,6 +1,7 @@
 """The pure tensor functions of backbones.reparam, each against the computation it replaces."""
 from __future__ import annotations
 
+import math
 
 import pytest
 import torch
@@ -157,3 +158,12 @@ def test_max_relative_error_nested_and_mismatch():
         max_relative_error(torch.ones(3), torch.ones(4))
     with pytest.raises(ValueError, match="structure"):
         max_relative_error([torch.ones(1)], [torch.ones(1), torch.ones(1)])
+
+
+def test_relative_error_is_nan_for_non_finite_outputs():
+    from backbones.reparam import max_relative_error
+
+    ok = torch.ones(3)
+    assert max_relative_error(ok, ok) == 0.0
+    for broken in (torch.tensor([1.0, float("nan"), 1.0]), torch.tensor([1.0, float("inf"), 1.0])):
+        assert math.isnan(max_relative_error(ok, broken)) and math.isnan(max_relative_error(broken, ok))

@@ -149,6 +149,11 @@ def test_slide_inference_equals_whole_with_one_window_and_averages_overlaps():
         assert task.slide_logits(torch.randn(2, 3, 40, 50)).shape == (2, 5, 40, 50)
 
 
+def test_slide_stride_must_not_leave_gaps():
+    with pytest.raises(ValueError, match=r"model.slide_stride \(200, 200\) must be between 1 and the window \(128, 128\)"):
+        _task(slide_stride=(200, 200))
+
+
 def test_repmlp_window_is_the_training_crop():
     task = _task().eval()
     assert task.window == (128, 128)
@@ -194,6 +199,11 @@ def test_pretrained_backbone_loads_matching_tensors(tmp_path):
     torch.save({"state_dict": {f"backbone.{k}": v for k, v in source.state_dict().items()}}, path)
     task = _task(backbone="resnet_tiny_d8", pretrained=str(path))
     assert torch.equal(task.backbone.layer2[0].conv2.conv.weight, source.layer2[0].conv2.conv.weight)
+    # a whole segmentation checkpoint (backbone + heads, DDP-prefixed): its backbone is used
+    seg = _task(backbone="resnet_tiny_d8")
+    torch.save({f"module.{k}": v for k, v in seg.state_dict().items()}, path)
+    task = _task(backbone="resnet_tiny_d8", pretrained=str(path))
+    assert torch.equal(task.backbone.layer3[1].conv1.conv.weight, seg.backbone.layer3[1].conv1.conv.weight)
     with pytest.raises(ValueError, match="no tensor of"):
         torch.save({"state_dict": {"x": torch.zeros(1)}}, path)
         _task(backbone="resnet_tiny_d8", pretrained=str(path))

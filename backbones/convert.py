@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .checkpoint import (
     CLI_ERRORS,
@@ -35,7 +35,7 @@ from .checkpoint import (
     strip_prefix,
 )
 from .complexity import count_params, input_channels
-from .registry import create
+from .registry import create, model_input_size
 from .reparam import model_relative_error, reparameterize_model
 
 __all__ = ["ConversionError", "convert_checkpoint", "main"]
@@ -43,11 +43,6 @@ __all__ = ["ConversionError", "convert_checkpoint", "main"]
 
 class ConversionError(ValueError):
     """The converted model does not reproduce the train-time model within the tolerance."""
-
-
-def _img_size(model: nn.Module) -> tuple[int, int]:
-    size = getattr(model, "img_size", 224)
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def _model_kwargs(
@@ -136,7 +131,7 @@ def convert_checkpoint(
     deploy = reparameterize_model(model)
     generator = torch.Generator().manual_seed(seed)
     dtype = next(model.parameters()).dtype
-    x = torch.randn(2, input_channels(model), *_img_size(model), generator=generator).to(dtype)
+    x = torch.randn(2, input_channels(model), *model_input_size(model, default=224), generator=generator).to(dtype)
     error = model_relative_error(model, deploy, x)
     train_params, deploy_params = count_params(model), count_params(deploy)
     say(f"params: train {train_params / 1e6:.4f}M, deploy {deploy_params / 1e6:.4f}M")

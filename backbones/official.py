@@ -40,6 +40,7 @@ from typing import Any, Optional
 from torch import Tensor, nn
 
 from .checkpoint import CLI_ERRORS, _listing, load_into, parse_model_kwargs, report_cli_error, load_state_dict_file, save_checkpoint, state_dict_mode, strip_prefix
+from .complexity import count_params
 from .registry import create
 
 __all__ = ["OFFICIAL_ARCHS", "convert_official_state_dict", "load_official", "main"]
@@ -148,10 +149,6 @@ def load_official(path: str | os.PathLike, arch: str, **model_kwargs: Any) -> nn
     return model
 
 
-def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m backbones.official",
@@ -174,7 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     mode = "deploy" if getattr(model, "deploy", False) else "train-time"
     print(
         f"converted official {args.src} -> {args.dst}: arch={arch}, {mode}, "
-        f"{len(model.state_dict())} tensors, {_count(model) / 1e6:.2f}M params, num_classes={kwargs['num_classes']}"
+        f"{len(model.state_dict())} tensors, {count_params(model) / 1e6:.2f}M params, num_classes={kwargs['num_classes']}"
     )
     return 0
 

@@ -40,7 +40,12 @@ def input_size(name: str, **kwargs: Any) -> tuple[int, int]:
     """
     with torch.device("meta"):
         model = create(name, **kwargs)
-    size = getattr(model, "img_size", None)
+    return model_input_size(model, name)
+
+
+def model_input_size(model: nn.Module, name: str = "the model", default: int | None = None) -> tuple[int, int]:
+    """A built model's ``(H, W)`` input size (its ``img_size``), or ``default`` when it records none."""
+    size = getattr(model, "img_size", default)
     if size is None:
         raise ValueError(f"model {name!r} does not record an input size (img_size)")
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from backbones import create, reparameterize_model
 from backbones.checkpoint import check_fits, load_state_dict_file, state_dict_mode
 from backbones.complexity import count_macs, count_params
+from backbones.registry import model_input_size
 from backbones.reparam import max_relative_error
 
 __all__ = ["ReparamTask", "RESULTS_FILE"]
@@ -127,8 +128,7 @@ class ReparamTask(pl.LightningModule):
 
     @property
     def input_size(self) -> tuple[int, int]:
-        size = getattr(self.backbone, "img_size", 224)
-        return (size, size) if isinstance(size, int) else tuple(size)
+        return model_input_size(self.backbone, self.backbone_name, default=224)
 
     def batch_inputs(self, batch: Any) -> Tensor:
         """The image tensor ``(N, C, H, W)`` of a batch (the first element)."""

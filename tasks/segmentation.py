@@ -23,17 +23,19 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Optional
 
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from backbones.checkpoint import load_state_dict_file, select_prefix, strip_prefix
 from backbones.decode_heads import FCNHead, PSPHead
 from backbones.mmseg_compat import convert_mmseg_state_dict, is_mmseg_checkpoint
 from callbacks.segmentation_png import SegmentationPNGWriter
 from datamodules.cityscapes import CityscapesDataModule
 from tasks.base import ReparamTask
 from tasks.cli import CONFIG_DIR, TaskCLI
-from tasks.segmentation_metric import SegmentationIoU
+from tasks.segmentation_metric import SegmentationIoU, check_label_range
 
 __all__ = ["SegmentationTask", "SegmentationCLI", "main"]
 
@@ -153,8 +155,6 @@ class SegmentationTask(ReparamTask):
         return state_dict
 
     def load_backbone_weights(self, path: str) -> None:
-        from backbones.checkpoint import load_state_dict_file, select_prefix, strip_prefix
-
         state_dict, _ = load_state_dict_file(path)
         state_dict = strip_prefix(state_dict)  # DDP's module.
         if any(k.startswith("backbone.") for k in state_dict):  # a task checkpoint: keep its backbone
@@ -233,14 +233,6 @@ class SegmentationTask(ReparamTask):
         return total / n
 
     # ------------------------------------------------------------------ steps
-    def _check_labels(self, labels: Tensor) -> None:
-        bad = (labels != self.hparams.ignore_index) & ((labels < 0) | (labels >= self.num_classes))
-        if bad.any():
-            raise ValueError(
-                f"label value {int(labels[bad][0])} out of range: expected 0..{self.num_classes - 1} "
-                f"or {self.hparams.ignore_index} (model.ignore_index)"
-            )
-
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Cross-entropy of ``(N, C, h, w)`` logits resized to the ``(N, H, W)`` labels."""
         logits = self._resize(logits, labels.shape[-2:])
@@ -250,7 +242,7 @@ class SegmentationTask(ReparamTask):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, labels = batch
-        self._check_labels(labels)
+        check_label_range(labels, self.num_classes, self.hparams.ignore_index)
         decode, aux = self._heads(images)
         loss_decode = self.loss(decode, labels)
         loss = loss_decode
@@ -263,8 +255,7 @@ class SegmentationTask(ReparamTask):
         return loss
 
     def _eval_step(self, batch: Any, stage: str) -> None:
-        images, labels = batch
-        self._check_labels(labels)
+        images, labels = batch  # the metric checks the label range
         probs = self.predict_probs(images)
         getattr(self, f"{stage}_iou").update(probs.argmax(1), labels)
 
@@ -329,8 +320,6 @@ class SegmentationCLI(TaskCLI):
         folder = tempfile.mkdtemp(prefix="mmseg-ckpt-")
         atexit.register(shutil.rmtree, folder, True)
         converted = os.path.join(folder, os.path.basename(path))
-        import pytorch_lightning as pl
-
         torch.save({
             "state_dict": convert_mmseg_state_dict(checkpoint["state_dict"]),
             "pytorch-lightning_version": pl.__version__,

@@ -12,7 +12,17 @@ import torch
 from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-__all__ = ["SegmentationIoU", "iou_from_confusion"]
+__all__ = ["SegmentationIoU", "iou_from_confusion", "check_label_range"]
+
+
+def check_label_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise naming the first label that is neither a class index nor ``ignore_index``."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bad.any():
+        raise ValueError(
+            f"label value {int(target[bad][0])} out of range: expected 0..{num_classes - 1} "
+            f"or {ignore_index} (ignore_index)"
+        )
 
 
 def iou_from_confusion(confusion: Tensor) -> dict[str, Tensor]:
@@ -45,12 +55,7 @@ class SegmentationIoU(MulticlassConfusionMatrix):
             preds = preds.argmax(1)
         if preds.shape != target.shape:
             raise ValueError(f"prediction shape {tuple(preds.shape)} differs from label shape {tuple(target.shape)}")
-        bad = (target != self.ignore_index) & ((target < 0) | (target >= self.num_classes))
-        if bad.any():
-            raise ValueError(
-                f"label value {int(target[bad][0])} out of range: expected 0..{self.num_classes - 1} "
-                f"or {self.ignore_index} (ignore)"
-            )
+        check_label_range(target, self.num_classes, self.ignore_index)
         super().update(preds, target)
 
     def compute(self) -> dict[str, Tensor]:  # type: ignore[override]

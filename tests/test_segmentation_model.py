@@ -176,7 +176,7 @@ def test_loss_average_modes():
     task.hparams.loss_average = "non_ignored"
     assert task.loss(logits, labels).item() == pytest.approx(per_pixel.sum().item() / (labels != 255).sum().item())
     with pytest.raises(ValueError, match="label value 9 out of range"):
-        task._check_labels(torch.tensor([0, 9, 255]))
+        task.training_step((torch.randn(1, 3, 128, 128), torch.full((1, 128, 128), 9)), 0)
 
 
 def test_task_converts_backbone_and_heads():

@@ -3,7 +3,7 @@
 ``backbones.create(name, **kwargs)`` builds a registered model; ``backbones.list_models()``
 lists them; ``backbones.reparameterize_model(model)`` converts any model to its deploy form.
 """
-from . import resnet  # noqa: F401  (registers the ResNet / RepMLP-ResNet factories)
+from . import faceresnet, mobilefacenet, resnet  # noqa: F401  (register their factories)
 from .convbn import ConvBN
 from .registry import create, input_size, list_models, register_model
 from .reparam import max_relative_error, model_relative_error, reparameterize_model

@@ -65,7 +65,9 @@ class ResNet(ReparamBlock):
 
     Args:
         layers: blocks per stage.
-        widths: output channels per stage (bottleneck width is a quarter of it).
+        widths: output channels per stage.
+        bottleneck_ratio: the 3x3 width of a bottleneck is ``widths[i] // bottleneck_ratio``
+            (4 in ResNet; 1 in FaceResNet, which has no 1x1 reduction).
         stem_width: channels after the stem.
         deep_stem: three 3x3 convs instead of one 7x7 (ResNet-V1c, used by mmseg's PSPNet).
         strides, dilations: per stage; a dilated stage's first block uses half its dilation.
@@ -88,6 +90,7 @@ class ResNet(ReparamBlock):
         self,
         layers: tuple[int, int, int, int] = (3, 4, 6, 3),
         widths: tuple[int, int, int, int] = (256, 512, 1024, 2048),
+        bottleneck_ratio: int = 4,
         stem_width: int = 64,
         deep_stem: bool = False,
         strides: tuple[int, int, int, int] = (1, 2, 2, 2),
@@ -117,6 +120,8 @@ class ResNet(ReparamBlock):
             raise ValueError(f"ResNet: repmlp_stages must be stage numbers 2..5 (c2..c5), got {tuple(repmlp_stages)}")
         if repmlp_block not in ("bottleneck", "light"):
             raise ValueError(f"ResNet: repmlp_block must be 'bottleneck' or 'light', got {repmlp_block!r}")
+        if bottleneck_ratio < 1 or any(w % bottleneck_ratio for w in widths):
+            raise ValueError(f"ResNet: bottleneck_ratio={bottleneck_ratio} must divide every width {tuple(widths)}")
         self.deploy = deploy
         self.img_size = _pair(img_size)
         self.num_classes = num_classes
@@ -143,20 +148,21 @@ class ResNet(ReparamBlock):
             self.stage_sizes.append(size)
             dilation = dilations[i]
             blocks: list[nn.Module] = []
+            mid = widths[i] // bottleneck_ratio
             for j in range(layers[i]):
                 if j == 0:
                     first_dilation = max(dilation // 2, 1) if dilation > 1 else 1
-                    blocks.append(Bottleneck(in_channels, widths[i] // 4, widths[i], strides[i], first_dilation, deploy))
+                    blocks.append(Bottleneck(in_channels, mid, widths[i], strides[i], first_dilation, deploy))
                 elif stage_no in repmlp_stages and repmlp_block == "bottleneck":
                     blocks.append(RepMLPBottleneck(
-                        in_channels, widths[i] // 4, widths[i], size, partition, bottleneck_r[i], kernels,
+                        in_channels, mid, widths[i], size, partition, bottleneck_r[i], kernels,
                         groups[i], fc1_reduction[i], pad_input, dilation, deploy=deploy))
                 elif stage_no in repmlp_stages:
                     blocks.append(RepMLPLight(
                         in_channels, widths[i] // 8, widths[i], size, partition, kernels, groups[i],
                         fc1_reduction[i], pad_input, deploy=deploy))
                 else:
-                    blocks.append(Bottleneck(in_channels, widths[i] // 4, widths[i], 1, dilation, deploy))
+                    blocks.append(Bottleneck(in_channels, mid, widths[i], 1, dilation, deploy))
                 in_channels = widths[i]
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
 

@@ -128,7 +128,11 @@ class SeedPerStepCompose(A.Compose):
 
 
 class _ImageDataset(Dataset):
-    """Shared decoding, corrupt-file policy and per-worker augmentation seeding."""
+    """Shared decoding, corrupt-file policy and per-worker augmentation seeding.
+
+    ``paths`` names the samples (file paths, or any per-sample label used in messages);
+    :meth:`_read` decodes one.
+    """
 
     def __init__(self, paths: Sequence[str], transform: Optional[Callable[..., dict]], skip_corrupt: bool) -> None:
         self.paths = list(paths)
@@ -155,6 +159,11 @@ class _ImageDataset(Dataset):
             self.transform.set_random_seed(int(np.random.SeedSequence([seed % 2**32, rank]).generate_state(1)[0]))
             self._seed_key = key
 
+    def _read(self, i: int) -> np.ndarray:
+        """Decode sample ``i`` into RGB ``uint8`` ``(H, W, 3)``; subclasses with other storage
+        (RecordIO, pickled pairs) override this and raise :class:`CorruptImageError` naming the source."""
+        return read_image(self.paths[i])
+
     def _load(self, index: int) -> tuple[int, np.ndarray]:
         """The image at ``index``, or with ``skip_corrupt`` the next readable one."""
         if not 0 <= index < len(self.paths):
@@ -162,7 +171,7 @@ class _ImageDataset(Dataset):
         for attempt in range(len(self.paths)):
             i = (index + attempt) % len(self.paths)
             try:
-                return i, read_image(self.paths[i])
+                return i, self._read(i)
             except CorruptImageError as exc:
                 if not self.skip_corrupt:
                     raise

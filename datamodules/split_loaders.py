@@ -50,8 +50,7 @@ class SplitDataModule(pl.LightningDataModule):
     pin_memory: bool
     persistent_workers: bool
 
-    def _loader(self, name: str, train: bool) -> DataLoader:
-        dataset = self.datasets[name]
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.val_batch_size,
@@ -68,13 +67,13 @@ class SplitDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"data.batch_size {self.batch_size} exceeds the {len(self.datasets['train'])} training images"
             )
-        return self._loader("train", train=True)
+        return self._loader(self.datasets["train"], train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
+        return self._loader(self.datasets["val"], train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+        return self._loader(self.datasets["test"], train=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", train=False)
+        return self._loader(self.datasets["predict"], train=False)

@@ -69,8 +69,12 @@ class ReparamTask(pl.LightningModule):
         warmup_epochs: linear warm-up length in epochs (fractions allowed); stepped every batch.
         warmup_start_factor: learning rate at step 0 as a fraction of ``lr``.
         min_lr: learning rate at the end of the decay.
-        schedule: after warm-up, ``"cosine"`` decay or mmseg's ``"poly"``: ``(1 - t)^poly_power``.
+        schedule: after warm-up, ``"cosine"`` decay, mmseg's ``"poly"``: ``(1 - t)^poly_power``, or
+            ``"step"``: multiply by ``step_gamma`` at each of ``step_milestones``.
         poly_power: exponent of the poly decay.
+        step_milestones: fractions of training (0..1) where the step schedule decays, e.g. the
+            RepMLP-FaceRes recipe's 252k/364k/406k of 420k iterations = ``(0.6, 0.867, 0.967)``.
+        step_gamma: the step schedule's factor.
     """
 
     task_name = "task"
@@ -89,14 +93,18 @@ class ReparamTask(pl.LightningModule):
         warmup_epochs: float = 0.0,
         warmup_start_factor: float = 0.01,
         min_lr: float = 0.0,
-        schedule: Literal["cosine", "poly"] = "cosine",
+        schedule: Literal["cosine", "poly", "step"] = "cosine",
         poly_power: float = 0.9,
+        step_milestones: tuple[float, ...] = (0.6, 0.867, 0.967),
+        step_gamma: float = 0.1,
     ) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"model.optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
-        if schedule not in ("cosine", "poly"):
-            raise ValueError(f"model.schedule must be 'cosine' or 'poly', got {schedule!r}")
+        if schedule not in ("cosine", "poly", "step"):
+            raise ValueError(f"model.schedule must be 'cosine', 'poly' or 'step', got {schedule!r}")
+        if any(not 0 < m < 1 for m in step_milestones) or list(step_milestones) != sorted(step_milestones):
+            raise ValueError(f"model.step_milestones must be increasing fractions of training in (0, 1), got {step_milestones}")
         self.save_hyperparameters()  # collects the subclass's arguments too
         self.backbone_name = backbone
         self.backbone_kwargs = dict(backbone_kwargs or {})
@@ -235,10 +243,14 @@ class ReparamTask(pl.LightningModule):
         return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
     def lr_factor(self, step: int, total_steps: int, warmup_steps: int) -> float:
-        """Multiplier of ``lr`` at optimizer step ``step``: linear warm-up, then cosine or poly to ``min_lr``."""
+        """Multiplier of ``lr`` at optimizer step ``step``: linear warm-up, then cosine or poly to
+        ``min_lr``, or step decay (milestones are fractions of all ``total_steps``)."""
         hp = self.hparams
         if step < warmup_steps:
             return hp.warmup_start_factor + (1.0 - hp.warmup_start_factor) * step / warmup_steps
+        if hp.schedule == "step":
+            passed = sum(step >= m * total_steps for m in hp.step_milestones)
+            return hp.step_gamma ** passed
         floor = hp.min_lr / hp.lr if hp.lr > 0 else 0.0
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         if hp.schedule == "poly":

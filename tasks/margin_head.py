@@ -3,9 +3,9 @@
 The head holds one centre per training identity, ``W: (num_classes, D)``. With normalized
 embeddings and centres, ``cos θ_j = <e, W_j>``; the target class's logit gets a margin:
 
-- ArcFace (Deng et al.): ``s · cos(θ_y + m)``, insightface's s=64, m=0.5. Where ``θ_y + m`` would
-  pass π the logit continues as ``cos θ_y − m·sin m`` so it stays decreasing in θ (insightface's
-  ``ArcFace`` module);
+- ArcFace (Deng et al.): ``s · cos(θ_y + m)``, insightface's s=64, m=0.5. Past ``θ_y = π − m``,
+  where ``cos(θ_y + m)`` would rise again, the logit is ``cos θ_y − m·sin m`` instead (insightface's
+  ``ArcFace`` module; a step down at the switch, but never increasing in θ);
 - CosFace (Wang et al.): ``s · (cos θ_y − m)``, s=64, m=0.4;
 - AM-Softmax (Wang, Cheng et al.): the same additive cosine margin with the paper's s=30, m=0.35;
   the RepMLP-FaceRes recipe.
@@ -76,7 +76,7 @@ class MarginHead(nn.Module):
             m = self.margin
             sin = (1.0 - target * target).clamp_min(1e-12).sqrt()
             with_margin = target * math.cos(m) - sin * math.sin(m)  # cos(θ + m)
-            # past θ = π - m, cos(θ + m) would rise again: continue linearly instead
+            # past θ = π - m, cos(θ + m) would rise again: insightface's penalty instead
             target_logit = torch.where(target > math.cos(math.pi - m), with_margin, target - math.sin(math.pi - m) * m)
         else:
             target_logit = target - self.margin

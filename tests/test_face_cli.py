@@ -1,0 +1,136 @@
+"""End to end: the real ``python -m tasks.face`` command lines, in subprocesses."""
+from __future__ import annotations
+
+import pickle
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datamodules.demo_faces import face_demo
+from datamodules.recordio import write_face_recordio
+from datamodules.verification_pairs import read_bin
+from conftest import assert_failed as _failed, assert_ok as _ok, read_results as _results, run_task
+
+SETS = ("demo_verify", "demo_verify_hard")
+QUICK = [
+    "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.check_val_every_n_epoch", "1",
+    "--trainer.enable_progress_bar", "false", "--data.num_workers", "0", "--data.batch_size", "8",
+]
+
+
+def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return run_task("face", *args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """``python -m tasks.face fit`` with no arguments, on a fresh demo cache."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    demo_root = tmp_path_factory.mktemp("cache")
+    proc = _ok(_cli("fit", cwd=cwd, demo_root=demo_root))
+    return cwd, demo_root, cwd / "runs" / "face-demo" / "version_0", proc
+
+
+def test_no_argument_fit_learns_converts_and_tests_every_set(demo_run):
+    cwd, demo_root, run, proc = demo_run
+    assert "ReparamCallback: deploy model written" in proc.stdout + proc.stderr
+    for name in ("deploy.ckpt", "deploy.safetensors", "deploy.json", "results.json"):
+        assert (run / name).is_file(), name
+    results = _results(run)
+    assert results["task"] == "face" and results["deploy"] is True and results["backbone"] == "repmlp_faceres_tiny"
+    assert results["reparam"]["relative_error"] <= 1e-4
+    assert list(results["verification"]) == list(SETS)
+    for name, summary in results["verification"].items():
+        assert summary["pairs"] == 400 and summary["folds"] == 10
+        assert 0 <= summary["acc_std"] < 0.2 and 0 <= summary["tar@far=1e-3"] <= 1
+        assert summary["acc"] > 0.75, (name, summary)  # chance is 0.5: half the pairs are the same person
+        assert results["metrics"][f"test/{name}/acc"] == pytest.approx(summary["acc"])
+    assert results["verification"]["demo_verify"]["auc"] > 0.9
+
+
+def test_deploy_and_train_checkpoints_verify_the_same(demo_run):
+    cwd, demo_root, run, _ = demo_run
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    _ok(_cli("test", "--ckpt_path", str(run / "deploy.ckpt"), cwd=cwd, demo_root=demo_root))
+    _ok(_cli("test", "--ckpt_path", str(best), cwd=cwd, demo_root=demo_root))
+    deploy, train = _results(run.parent / "version_1"), _results(run.parent / "version_2")
+    assert deploy["deploy"] is True and train["deploy"] is False and deploy["params"] < train["params"]
+    for name in SETS:
+        for key in ("acc", "acc_std", "tar@far=1e-3"):
+            assert deploy["verification"][name][key] == pytest.approx(train["verification"][name][key], abs=1e-9)
+        assert deploy["verification"][name]["auc"] == pytest.approx(train["verification"][name]["auc"], abs=1e-4)
+
+
+def test_predict_writes_embeddings_and_the_file_list(demo_run, tmp_path):
+    cwd, demo_root, run, _ = demo_run
+    hard = next(demo_root.glob("faces-*")) / "demo_verify_hard"
+    faces = tmp_path / "faces"
+    for person in ("person000", "person001"):
+        shutil.copytree(hard / person, faces / person)
+    out = tmp_path / "emb.npy"
+    _ok(_cli("predict", "--ckpt_path", str(run / "deploy.ckpt"), "--data.predict_root", str(faces),
+             "--predictions.path", str(out), cwd=cwd, demo_root=demo_root))
+    embeddings = np.load(out)
+    paths = (tmp_path / "emb.txt").read_text().splitlines()
+    assert embeddings.shape == (16, 128) and len(paths) == 16
+    assert np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+    person = np.array([Path(p).parent.name for p in paths])
+    sim = embeddings @ embeddings.T
+    same = person[:, None] == person[None, :]
+    off_diagonal = ~np.eye(16, dtype=bool)
+    assert sim[same & off_diagonal].mean() > sim[~same].mean() + 0.2  # the rows follow the file list
+
+
+# --------------------------------------------------------------------------- other layouts, bad input
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory) -> Path:
+    return face_demo(tmp_path_factory.mktemp("faces"), train_identities=6, images_per_identity=4,
+                     verify_identities=4, verify_images_per_identity=4, verify_pairs=20)
+
+
+def _copy(root: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "root"
+    shutil.copytree(root, out)
+    return out
+
+
+def test_recordio_training_set_with_arcface_mobilefacenet(small_root, tmp_path):
+    root = _copy(small_root, tmp_path)
+    folders = sorted((root / "train").iterdir())
+    samples = [(f.read_bytes(), k) for k, d in enumerate(folders) for f in sorted(d.iterdir())]
+    write_face_recordio(root, samples, num_classes=len(folders), image_size=64)
+    shutil.rmtree(root / "train")
+    _ok(_cli("fit", *QUICK, "--data.root", str(root), "--model.backbone", "mobilefacenet_tiny",
+             "--model.loss", "arcface", "--model.schedule", "step", cwd=tmp_path, demo_root=tmp_path))
+    results = _results(tmp_path / "runs" / "face-demo" / "version_0")
+    assert results["backbone"] == "mobilefacenet_tiny" and results["deploy"] is True
+    assert [s["pairs"] for s in results["verification"].values()] == [20, 20]
+    assert [s["folds"] for s in results["verification"].values()] == [10, 10]
+
+
+def test_bad_input_is_named(small_root, tmp_path):
+    root = _copy(small_root, tmp_path)
+    images, issame = read_bin(root / "demo_verify.bin")
+    with open(root / "demo_verify.bin", "wb") as f:
+        pickle.dump((images[:-1], issame), f)
+    _failed(_cli("fit", *QUICK, "--data.root", str(root), cwd=tmp_path, demo_root=tmp_path),
+            "demo_verify.bin", "39 images")
+    shutil.copy(small_root / "demo_verify.bin", root / "demo_verify.bin")
+    (root / "train" / "id_without_faces").mkdir()
+    _failed(_cli("fit", *QUICK, "--data.root", str(root), cwd=tmp_path, demo_root=tmp_path),
+            "id_without_faces")
+
+
+def test_test_without_training_data_and_a_checkpoint_of_another_backbone(demo_run, small_root, tmp_path):
+    cwd, demo_root, run, _ = demo_run
+    root = _copy(small_root, tmp_path)
+    shutil.rmtree(root / "train")  # test needs only the verification sets; the head comes from the checkpoint
+    _ok(_cli("test", "--ckpt_path", str(run / "deploy.ckpt"), "--data.root", str(root), cwd=tmp_path,
+             demo_root=demo_root))
+    assert _results(tmp_path / "runs" / "face-demo" / "version_0")["verification"]["demo_verify"]["pairs"] == 20
+    _failed(_cli("test", "--ckpt_path", str(run / "deploy.ckpt"), "--data.root", str(root),
+                 "--model.backbone", "faceresnet_tiny", cwd=tmp_path, demo_root=demo_root),
+            "repmlp_faceres_tiny", "faceresnet_tiny")

@@ -134,3 +134,30 @@ def test_test_without_training_data_and_a_checkpoint_of_another_backbone(demo_ru
     _failed(_cli("test", "--ckpt_path", str(run / "deploy.ckpt"), "--data.root", str(root),
                  "--model.backbone", "faceresnet_tiny", cwd=tmp_path, demo_root=demo_root),
             "repmlp_faceres_tiny", "faceresnet_tiny")
+
+
+def test_paper_configs_parse(tmp_path):
+    expected = {
+        "repmlp_faceres": ("loss: amsoftmax", "schedule: step", "max_steps: 420000", "- 0.6"),
+        "faceresnet": ("loss: amsoftmax", "schedule: step", "max_steps: 420000"),
+        "mobilefacenet": ("loss: arcface", "schedule: poly", "max_epochs: 40", "clip_grad_norm: 5.0"),
+    }
+    for name, needles in expected.items():
+        config = Path(__file__).resolve().parents[1] / "configs" / "face" / f"{name}.yaml"
+        proc = _ok(_cli("fit", "-c", str(config), "--print_config", cwd=tmp_path, demo_root=tmp_path))
+        assert f"backbone: {name}" in proc.stdout and "lr: 0.1" in proc.stdout, proc.stdout
+        assert f"img_size: {96 if 'faceres' in name else 112}" in proc.stdout
+        assert "- lfw" in proc.stdout and "- agedb_30" in proc.stdout
+        for needle in needles:
+            assert needle in proc.stdout, (name, needle)
+
+
+def test_ddp_fit_and_test_count_every_pair_once(small_root, tmp_path):
+    """Two CPU ranks (gloo): 20 pairs per set split over the ranks are gathered back to 20, and the
+    deploy model is written once."""
+    proc = _ok(_cli("fit", *QUICK, "--data.root", str(small_root), "--trainer.strategy", "ddp",
+                    "--trainer.devices", "2", "--data.val_batch_size", "3", cwd=tmp_path, demo_root=tmp_path,
+                    timeout=400))
+    assert (proc.stdout + proc.stderr).count("ReparamCallback: deploy model written") == 1
+    results = _results(tmp_path / "runs" / "face-demo" / "version_0")
+    assert [s["pairs"] for s in results["verification"].values()] == [20, 20]

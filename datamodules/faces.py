@@ -27,7 +27,7 @@ import cv2
 from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset
 
-from .demo_faces import DEMO_VERIFICATION_SETS, face_demo
+from .demo_faces import face_demo
 from .image_folder import ImageFolder, ImageList, SeedPerStepCompose, find_classes, list_images, list_samples
 from .recordio import FaceRecordDataset, read_property
 from .split_loaders import SplitDataModule

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +62,26 @@ def assert_failed(proc: subprocess.CompletedProcess, *needles: str) -> None:
 
 def read_results(folder: Path) -> dict:
     return json.loads((folder / "results.json").read_text())
+
+
+def free_port() -> int:
+    """A free TCP port on localhost for a gloo process group."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def copy_root(root: Path, tmp_path: Path) -> Path:
+    """A private copy of a dataset folder, for tests that damage it."""
+    out = tmp_path / "root"
+    shutil.copytree(root, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_face_root(tmp_path_factory) -> Path:
+    """A small demo-face root: 6 identities x 4 faces, two 20-pair verification sets."""
+    from datamodules.demo_faces import face_demo
+
+    return face_demo(tmp_path_factory.mktemp("faces"), train_identities=6, images_per_identity=4,
+                     verify_identities=4, verify_images_per_identity=4, verify_pairs=20)

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datamodules.demo_faces import face_demo
+from datamodules.demo_faces import DEMO_VERIFICATION_SETS
 from datamodules.recordio import write_face_recordio
 from datamodules.verification_pairs import read_bin
-from conftest import assert_failed as _failed, assert_ok as _ok, read_results as _results, run_task
+from conftest import assert_failed as _failed, assert_ok as _ok, copy_root, read_results as _results, run_task
 
-SETS = ("demo_verify", "demo_verify_hard")
+SETS = DEMO_VERIFICATION_SETS
 QUICK = [
     "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.check_val_every_n_epoch", "1",
     "--trainer.enable_progress_bar", "false", "--data.num_workers", "0", "--data.batch_size", "8",
@@ -85,20 +85,10 @@ def test_predict_writes_embeddings_and_the_file_list(demo_run, tmp_path):
 
 
 # --------------------------------------------------------------------------- other layouts, bad input
-@pytest.fixture(scope="module")
-def small_root(tmp_path_factory) -> Path:
-    return face_demo(tmp_path_factory.mktemp("faces"), train_identities=6, images_per_identity=4,
-                     verify_identities=4, verify_images_per_identity=4, verify_pairs=20)
 
 
-def _copy(root: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "root"
-    shutil.copytree(root, out)
-    return out
-
-
-def test_recordio_training_set_with_arcface_mobilefacenet(small_root, tmp_path):
-    root = _copy(small_root, tmp_path)
+def test_recordio_training_set_with_arcface_mobilefacenet(small_face_root, tmp_path):
+    root = copy_root(small_face_root, tmp_path)
     folders = sorted((root / "train").iterdir())
     samples = [(f.read_bytes(), k) for k, d in enumerate(folders) for f in sorted(d.iterdir())]
     write_face_recordio(root, samples, num_classes=len(folders), image_size=64)
@@ -111,22 +101,22 @@ def test_recordio_training_set_with_arcface_mobilefacenet(small_root, tmp_path):
     assert [s["folds"] for s in results["verification"].values()] == [10, 10]
 
 
-def test_bad_input_is_named(small_root, tmp_path):
-    root = _copy(small_root, tmp_path)
+def test_bad_input_is_named(small_face_root, tmp_path):
+    root = copy_root(small_face_root, tmp_path)
     images, issame = read_bin(root / "demo_verify.bin")
     with open(root / "demo_verify.bin", "wb") as f:
         pickle.dump((images[:-1], issame), f)
     _failed(_cli("fit", *QUICK, "--data.root", str(root), cwd=tmp_path, demo_root=tmp_path),
             "demo_verify.bin", "39 images")
-    shutil.copy(small_root / "demo_verify.bin", root / "demo_verify.bin")
+    shutil.copy(small_face_root / "demo_verify.bin", root / "demo_verify.bin")
     (root / "train" / "id_without_faces").mkdir()
     _failed(_cli("fit", *QUICK, "--data.root", str(root), cwd=tmp_path, demo_root=tmp_path),
             "id_without_faces")
 
 
-def test_test_without_training_data_and_a_checkpoint_of_another_backbone(demo_run, small_root, tmp_path):
+def test_test_without_training_data_and_a_checkpoint_of_another_backbone(demo_run, small_face_root, tmp_path):
     cwd, demo_root, run, _ = demo_run
-    root = _copy(small_root, tmp_path)
+    root = copy_root(small_face_root, tmp_path)
     shutil.rmtree(root / "train")  # test needs only the verification sets; the head comes from the checkpoint
     _ok(_cli("test", "--ckpt_path", str(run / "deploy.ckpt"), "--data.root", str(root), cwd=tmp_path,
              demo_root=demo_root))
@@ -152,10 +142,10 @@ def test_paper_configs_parse(tmp_path):
             assert needle in proc.stdout, (name, needle)
 
 
-def test_ddp_fit_and_test_count_every_pair_once(small_root, tmp_path):
+def test_ddp_fit_and_test_count_every_pair_once(small_face_root, tmp_path):
     """Two CPU ranks (gloo): 20 pairs per set split over the ranks are gathered back to 20, and the
     deploy model is written once."""
-    proc = _ok(_cli("fit", *QUICK, "--data.root", str(small_root), "--trainer.strategy", "ddp",
+    proc = _ok(_cli("fit", *QUICK, "--data.root", str(small_face_root), "--trainer.strategy", "ddp",
                     "--trainer.devices", "2", "--data.val_batch_size", "3", cwd=tmp_path, demo_root=tmp_path,
                     timeout=400))
     assert (proc.stdout + proc.stderr).count("ReparamCallback: deploy model written") == 1

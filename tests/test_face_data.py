@@ -9,26 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.demo_faces import face_demo
 from datamodules.faces import FaceDataModule
 from datamodules.image_folder import CorruptImageError
+from datamodules.demo_faces import DEMO_VERIFICATION_SETS
 from datamodules.recordio import write_face_recordio
 from datamodules.verification_pairs import read_bin, read_pairs_txt
+from conftest import copy_root
 
-SETS = ["demo_verify", "demo_verify_hard"]
-
-
-@pytest.fixture(scope="module")
-def small_root(tmp_path_factory) -> Path:
-    """A small demo-face root: 6 identities x 4 faces, two 20-pair verification sets."""
-    return face_demo(tmp_path_factory.mktemp("faces"), train_identities=6, images_per_identity=4,
-                     verify_identities=4, verify_images_per_identity=4, verify_pairs=20)
+SETS = list(DEMO_VERIFICATION_SETS)
 
 
-def _copy(root: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "root"
-    shutil.copytree(root, out)
-    return out
 
 
 def _to_recordio(root: Path) -> None:
@@ -44,19 +34,19 @@ def _dm(root: Path, **kwargs) -> FaceDataModule:
                           pin_memory=False, **kwargs)
 
 
-def test_demo_faces_layout_and_balance(small_root):
-    identities = sorted((small_root / "train").iterdir())
+def test_demo_faces_layout_and_balance(small_face_root):
+    identities = sorted((small_face_root / "train").iterdir())
     assert len(identities) == 6 and all(len(list(d.glob("*.jpg"))) == 4 for d in identities)
-    images, issame = read_bin(small_root / "demo_verify.bin")
+    images, issame = read_bin(small_face_root / "demo_verify.bin")
     assert len(images) == 40 and len(issame) == 20 and sum(issame) == 10
-    pairs = read_pairs_txt(small_root / "demo_verify_hard" / "pairs.txt")
+    pairs = read_pairs_txt(small_face_root / "demo_verify_hard" / "pairs.txt")
     assert len(pairs) == 20 and sum(s for _, _, s in pairs) == 10
     # verification identities are not training identities (open set, as LFW is for MS1M)
     assert not {Path(a).parent.name for a, _, _ in pairs} & {d.name for d in identities}
 
 
-def test_identity_folders_batches_and_normalization(small_root):
-    dm = _dm(small_root)
+def test_identity_folders_batches_and_normalization(small_face_root):
+    dm = _dm(small_face_root)
     assert dm.num_classes == 6 and dm.verification_sets == SETS and not dm.uses_recordio
     dm.setup("fit")
     images, labels = next(iter(dm.train_dataloader()))
@@ -69,10 +59,10 @@ def test_identity_folders_batches_and_normalization(small_root):
     assert a.shape == b.shape == (4, 3, 64, 64) and issame.dtype == torch.bool and index.tolist() == [0, 1, 2, 3]
 
 
-def test_recordio_training_set_gives_the_same_faces(small_root, tmp_path):
-    folders = _dm(small_root, flip=False)
+def test_recordio_training_set_gives_the_same_faces(small_face_root, tmp_path):
+    folders = _dm(small_face_root, flip=False)
     folders.setup("fit")
-    root = _copy(small_root, tmp_path)
+    root = copy_root(small_face_root, tmp_path)
     _to_recordio(root)
     records = _dm(root, flip=False)
     assert records.uses_recordio and records.num_classes == 6
@@ -85,15 +75,15 @@ def test_recordio_training_set_gives_the_same_faces(small_root, tmp_path):
         assert label_a == label_b and torch.equal(image_a, image_b)
 
 
-def test_resizes_faces_stored_at_another_size(small_root):
-    dm = FaceDataModule(root=str(small_root), val_sets=SETS, image_size=(48, 40), batch_size=2, num_workers=0)
+def test_resizes_faces_stored_at_another_size(small_face_root):
+    dm = FaceDataModule(root=str(small_face_root), val_sets=SETS, image_size=(48, 40), batch_size=2, num_workers=0)
     dm.setup("fit")
     assert dm.datasets["train"][0][0].shape == (3, 48, 40)
     assert dm.eval_sets["val"][1][0][0].shape == (3, 48, 40)
 
 
-def test_absent_sets_are_skipped_and_none_is_an_error(small_root, tmp_path):
-    dm = FaceDataModule(root=str(small_root), val_sets=["lfw", "demo_verify"], image_size=64, num_workers=0)
+def test_absent_sets_are_skipped_and_none_is_an_error(small_face_root, tmp_path):
+    dm = FaceDataModule(root=str(small_face_root), val_sets=["lfw", "demo_verify"], image_size=64, num_workers=0)
     assert dm.verification_sets == ["demo_verify"]
     empty = tmp_path / "empty"
     (empty / "train" / "someone").mkdir(parents=True)
@@ -103,8 +93,8 @@ def test_absent_sets_are_skipped_and_none_is_an_error(small_root, tmp_path):
         dm.setup("validate")
 
 
-def test_missing_training_set_names_both_layouts(small_root, tmp_path):
-    root = _copy(small_root, tmp_path)
+def test_missing_training_set_names_both_layouts(small_face_root, tmp_path):
+    root = copy_root(small_face_root, tmp_path)
     shutil.rmtree(root / "train")
     dm = _dm(root)
     assert dm.num_classes == 0  # enough to test a trained checkpoint
@@ -114,16 +104,16 @@ def test_missing_training_set_names_both_layouts(small_root, tmp_path):
         _dm(tmp_path / "nowhere").num_classes
 
 
-def test_identity_folder_without_images_is_named(small_root, tmp_path):
-    root = _copy(small_root, tmp_path)
+def test_identity_folder_without_images_is_named(small_face_root, tmp_path):
+    root = copy_root(small_face_root, tmp_path)
     (root / "train" / "id99999").mkdir()
     (root / "train" / "id99999" / "notes.txt").write_text("no faces here")
     with pytest.raises(ValueError, match=r"empty class folder.*id99999"):
         _dm(root).setup("fit")
 
 
-def test_corrupt_recordio_record_is_named(small_root, tmp_path):
-    root = _copy(small_root, tmp_path)
+def test_corrupt_recordio_record_is_named(small_face_root, tmp_path):
+    root = copy_root(small_face_root, tmp_path)
     _to_recordio(root)
     rec = root / "train.rec"
     offsets = dict(line.split("\t") for line in (root / "train.idx").read_text().splitlines())
@@ -142,8 +132,8 @@ def test_corrupt_recordio_record_is_named(small_root, tmp_path):
         dataset[len(dataset) - 1]
 
 
-def test_bin_with_an_odd_number_of_images_is_named(small_root, tmp_path):
-    root = _copy(small_root, tmp_path)
+def test_bin_with_an_odd_number_of_images_is_named(small_face_root, tmp_path):
+    root = copy_root(small_face_root, tmp_path)
     images, issame = read_bin(root / "demo_verify.bin")
     with open(root / "demo_verify.bin", "wb") as f:
         pickle.dump((images[:-1], issame), f)
@@ -151,18 +141,18 @@ def test_bin_with_an_odd_number_of_images_is_named(small_root, tmp_path):
         _dm(root).setup("validate")
 
 
-def test_pairs_file_naming_a_missing_image(small_root, tmp_path):
-    root = _copy(small_root, tmp_path)
+def test_pairs_file_naming_a_missing_image(small_face_root, tmp_path):
+    root = copy_root(small_face_root, tmp_path)
     victim = sorted((root / "demo_verify_hard").glob("person*/*.jpg"))[0]
     victim.unlink()
     with pytest.raises(FileNotFoundError, match=rf"pairs\.txt.*line \d+.*{victim.name}"):
         _dm(root).setup("validate")
 
 
-def test_predict_needs_a_folder(small_root):
+def test_predict_needs_a_folder(small_face_root):
     with pytest.raises(ValueError, match="predict_root"):
-        _dm(small_root).setup("predict")
-    dm = _dm(small_root, predict_root=str(small_root / "train" / "id00000"))
+        _dm(small_face_root).setup("predict")
+    dm = _dm(small_face_root, predict_root=str(small_face_root / "train" / "id00000"))
     dm.setup("predict")
     images, paths = next(iter(dm.predict_dataloader()))
     assert images.shape[1:] == (3, 64, 64) and all(p.endswith(".jpg") for p in paths)

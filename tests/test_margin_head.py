@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from torch import nn
 
 from backbones import max_relative_error
 from tasks.margin_head import DEFAULT_SCALE_MARGIN, MarginHead
+from conftest import free_port
 
 
 def _reference(head: MarginHead, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -232,14 +232,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ddp_gradients_equal_single_process(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "rank0.pt", weights_only=True)["grads"]
 
     model = _model()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -26,6 +25,7 @@ from tasks.verification_metric import (
     roc_auc,
     tar_at_far,
 )
+from conftest import free_port
 
 KEYS = {"acc", "acc_std", "threshold", "tar@far=1e-3", "auc", "pairs", "folds"}
 
@@ -409,14 +409,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ddp_two_processes_gloo(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     a, b, s = make_pairs(N_DDP, seed=12)
     single = run_metric(a, b, s)
     assert 0.85 < single["acc"].item() < 0.97

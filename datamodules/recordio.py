@@ -41,7 +41,7 @@ from typing import Any, NamedTuple, Optional, Union
 import cv2
 import numpy as np
 
-from datamodules.image_folder import CorruptImageError, _ImageDataset
+from .image_folder import CorruptImageError, _ImageDataset
 
 __all__ = [
     "MAGIC",

@@ -33,7 +33,7 @@ from typing import Any, Optional
 import cv2
 import numpy as np
 
-from datamodules.image_folder import CorruptImageError, _ImageDataset, read_image
+from .image_folder import CorruptImageError, _ImageDataset, read_image
 
 __all__ = [
     "UnsafePickleError",

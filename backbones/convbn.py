@@ -7,10 +7,8 @@ from torch import Tensor, nn
 
 from .reparam import fuse_bn
 from .reparam_block import ReparamBlock, assign_parameter
+from .registry import to_pair
 
-
-def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 class ConvBN(ReparamBlock):
@@ -39,7 +37,7 @@ class ConvBN(ReparamBlock):
             raise ValueError(
                 f"ConvBN: groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"
             )
-        kernel_size, dilation = _pair(kernel_size), _pair(dilation)
+        kernel_size, dilation = to_pair(kernel_size), to_pair(dilation)
         if padding is None:
             padding = (dilation[0] * (kernel_size[0] // 2), dilation[1] * (kernel_size[1] // 2))
         self.deploy = deploy

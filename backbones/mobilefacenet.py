@@ -15,15 +15,12 @@ from typing import Any
 from torch import Tensor, nn
 
 from .convbn import ConvBN
-from .registry import register_model
+from .registry import register_model, to_pair
 from .reparam import fuse_bn
 from .reparam_block import ReparamBlock, assign_parameter
 
 __all__ = ["LinearBN", "MobileFaceNet", "mobilefacenet", "mobilefacenet_tiny"]
 
-
-def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 def check_embedding_only(name: str, num_classes: int) -> None:
@@ -113,7 +110,7 @@ class MobileFaceNet(ReparamBlock):
         if len(blocks) != 4:
             raise ValueError(f"MobileFaceNet: blocks needs 4 entries, got {tuple(blocks)}")
         self.deploy = deploy
-        self.img_size = _pair(img_size)
+        self.img_size = to_pair(img_size)
         self.num_features = self.embedding_size = embedding_size
         c1, c2 = 64 * scale, 128 * scale
         layers: list[nn.Module] = [conv_bn_prelu(in_chans, c1, 3, 2, deploy=deploy)]

@@ -43,9 +43,14 @@ def input_size(name: str, **kwargs: Any) -> tuple[int, int]:
     return model_input_size(model, name)
 
 
+def to_pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    """``(H, W)`` from one int (square) or a pair; the sizes, kernels and partitions of every model."""
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
 def model_input_size(model: nn.Module, name: str = "the model", default: int | None = None) -> tuple[int, int]:
     """A built model's ``(H, W)`` input size (its ``img_size``), or ``default`` when it records none."""
     size = getattr(model, "img_size", default)
     if size is None:
         raise ValueError(f"model {name!r} does not record an input size (img_size)")
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return to_pair(size)

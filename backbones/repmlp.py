@@ -25,14 +25,12 @@ from torch import Tensor, nn
 from .convbn import ConvBN
 from .reparam import add_branches, conv_bias_to_fc, conv_to_fc, fuse_bn, fuse_bn_before_linear
 from .reparam_block import ReparamBlock, assign_parameter
+from .registry import to_pair
 
 # The deploy-time FC3 formulation measured fastest by bench/reparam.py on CPU (see README).
 Fc3Impl = Literal["bmm", "conv"]
 DEFAULT_FC3_IMPL: Fc3Impl = "bmm"
 
-
-def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 class RepMLP(ReparamBlock):
@@ -67,8 +65,8 @@ class RepMLP(ReparamBlock):
     ) -> None:
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.input_size = _pair(input_size)
-        self.partition = _pair(partition)
+        self.input_size = to_pair(input_size)
+        self.partition = to_pair(partition)
         self.kernels = tuple(int(k) for k in kernels)
         self.groups = groups
         self.pad_input = pad_input

@@ -16,16 +16,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .convbn import ConvBN
-from .registry import register_model
+from .registry import register_model, to_pair
 from .repmlp import RepMLP
 from .repmlp_blocks import RepMLPBottleneck, RepMLPLight
 from .reparam_block import ReparamBlock
 
 Size = tuple[int, int]
 
-
-def _pair(value: int | tuple[int, int]) -> Size:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 class Bottleneck(ReparamBlock):
@@ -123,7 +120,7 @@ class ResNet(ReparamBlock):
         if bottleneck_ratio < 1 or any(w % bottleneck_ratio for w in widths):
             raise ValueError(f"ResNet: bottleneck_ratio={bottleneck_ratio} must divide every width {tuple(widths)}")
         self.deploy = deploy
-        self.img_size = _pair(img_size)
+        self.img_size = to_pair(img_size)
         self.num_classes = num_classes
         self.widths = tuple(widths)
         self.num_features = widths[-1]

@@ -33,8 +33,8 @@ from torch.utils.data import Dataset
 
 from .demo import cityscapes_demo
 from .split_loaders import SplitDataModule
-from .image_folder import CorruptImageError, ImageList, SeedPerStepCompose, _ImageDataset, list_images, read_image
-from .imagenet import IMAGENET_MEAN, IMAGENET_STD, _hw
+from .image_folder import CorruptImageError, ImageList, SeedPerStepCompose, _ImageDataset, image_hw, list_images, read_image
+from .imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "CLASSES",
@@ -389,7 +389,7 @@ def train_transform(
     ``(h, w) = crop_size``; padded pixels are 0 in the normalized image and 255 in the label.
     ``scale`` is ``(w, h)``, as in mmseg.
     """
-    crop = _hw(crop_size)
+    crop = image_hw(crop_size)
     return SeedPerStepCompose([
         RandomRescale(scale, ratio_range),
         CatMaxRatioCrop(crop, cat_max_ratio),
@@ -500,7 +500,7 @@ class CityscapesDataModule(SplitDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.root = root
-        self.image_size = _hw(image_size)
+        self.image_size = image_hw(image_size)
         self.scale = (int(scale[0]), int(scale[1]))
         self.ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
         self.cat_max_ratio = float(cat_max_ratio)

@@ -28,7 +28,7 @@ from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset
 
 from .demo_faces import face_demo
-from .image_folder import ImageFolder, ImageList, SeedPerStepCompose, find_classes, list_images, list_samples
+from .image_folder import ImageFolder, ImageList, SeedPerStepCompose, find_classes, image_hw, list_images, list_samples
 from .recordio import FaceRecordDataset, read_property
 from .split_loaders import SplitDataModule
 from .verification_pairs import VerificationPairs, find_verification_sets, load_verification_set
@@ -41,13 +41,9 @@ VERIFICATION_SETS = ("lfw", "cfp_fp", "agedb_30")
 RECORD_FILES = ("train.rec", "train.idx", "property")
 
 
-def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
 def face_transform(size: int | tuple[int, int], flip: bool) -> A.Compose:
     """Resize to ``size`` (a no-op for faces already aligned at it), optional flip, [-1, 1] → ``(3, H, W)``."""
-    h, w = _hw(size)
+    h, w = image_hw(size)
     steps: list[A.BasicTransform] = [A.Resize(h, w, interpolation=cv2.INTER_LINEAR)]
     if flip:
         steps.append(A.HorizontalFlip(p=0.5))
@@ -101,7 +97,7 @@ class FaceDataModule(SplitDataModule):
         self.root = root
         self.train_dir = train_dir
         self.val_sets = list(val_sets)
-        self.image_size = _hw(image_size)
+        self.image_size = image_hw(image_size)
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers

@@ -23,6 +23,8 @@ __all__ = [
     "IMG_EXTENSIONS",
     "CorruptImageError",
     "SeedPerStepCompose",
+    "image_hw",
+    "decode_image",
     "read_image",
     "find_classes",
     "list_samples",
@@ -40,16 +42,34 @@ class CorruptImageError(OSError):
     """An image file that cannot be read or decoded."""
 
 
+def image_hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    """``(H, W)`` from one int (square) or a pair: the image and crop sizes of the datamodules."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def decode_image(data: bytes | np.ndarray) -> Optional[np.ndarray]:
+    """Encoded image bytes → RGB ``uint8`` ``(H, W, 3)`` (grayscale is expanded), or None when they
+    do not decode (empty, truncated or not an image); callers raise with their own source."""
+    buffer = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    if not buffer.size:
+        return None
+    try:
+        image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    except cv2.error:
+        return None
+    return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Decode ``path`` into an RGB ``uint8`` array of shape ``(H, W, 3)`` (grayscale is expanded)."""
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise CorruptImageError(f"cannot read image {path}: {exc}") from exc
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if image is None:  # OpenCV returns None for empty, truncated or non-image files
+    image = decode_image(data)
+    if image is None:
         raise CorruptImageError(f"cannot decode image {path} ({data.size} bytes): corrupt, truncated or not an image")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return image
 
 
 def _is_image(name: str) -> bool:

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from .demo import classification_demo
 from .split_loaders import SplitDataModule
-from .image_folder import ImageFolder, ImageList, SeedPerStepCompose, find_classes, list_images, list_samples
+from .image_folder import ImageFolder, ImageList, SeedPerStepCompose, find_classes, image_hw, list_images, list_samples
 
 __all__ = ["ImageNetDataModule", "IMAGENET_MEAN", "IMAGENET_STD", "train_transform", "eval_transform"]
 
@@ -27,10 +27,6 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def train_transform(
@@ -41,7 +37,7 @@ def train_transform(
 ) -> A.Compose:
     """RandomResizedCrop + horizontal flip + normalize → float tensor ``(3, H, W)``."""
     return SeedPerStepCompose([
-        A.RandomResizedCrop(size=_hw(size), scale=tuple(scale)),
+        A.RandomResizedCrop(size=image_hw(size), scale=tuple(scale)),
         A.HorizontalFlip(p=0.5),
         A.Normalize(mean=mean, std=std),
         ToTensorV2(),
@@ -55,7 +51,7 @@ def eval_transform(
     std: tuple[float, float, float] = IMAGENET_STD,
 ) -> A.Compose:
     """Resize the shorter side to ``max(H, W) / crop_ratio``, center crop ``(H, W)``, normalize."""
-    h, w = _hw(size)
+    h, w = image_hw(size)
     if not 0 < crop_ratio <= 1:
         raise ValueError(f"val_crop_ratio must be in (0, 1], got {crop_ratio}")
     return SeedPerStepCompose([
@@ -104,7 +100,7 @@ class ImageNetDataModule(SplitDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.root = root
-        self.image_size = _hw(image_size)
+        self.image_size = image_hw(image_size)
         self.batch_size = self.val_batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory

@@ -38,10 +38,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, Optional, Union
 
-import cv2
 import numpy as np
 
-from .image_folder import CorruptImageError, _ImageDataset
+from .image_folder import CorruptImageError, _ImageDataset, decode_image, image_hw
 
 __all__ = [
     "MAGIC",
@@ -348,13 +347,6 @@ class RecordIOWriter:
 
 
 # --------------------------------------------------------------------------- insightface layout
-def _image_size(image_size: int | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(image_size, int):
-        return image_size, image_size
-    height, width = (int(v) for v in image_size)
-    return height, width
-
-
 def write_face_recordio(
     folder: str | os.PathLike,
     samples: Iterable[tuple[bytes, int]],
@@ -370,7 +362,7 @@ def write_face_recordio(
     The images are not decoded: their size is the caller's promise.
     """
     folder = Path(folder)
-    height, width = _image_size(image_size)
+    height, width = image_hw(image_size)
     if num_classes < 1 or height < 1 or width < 1:
         raise ValueError(f"write_face_recordio: need num_classes, H, W >= 1; got {num_classes}, {height}, {width}")
     folder.mkdir(parents=True, exist_ok=True)
@@ -480,19 +472,14 @@ class FaceRecordDataset(_ImageDataset):
                 f"{self.rec_path}: record key {key} has label {value:g} outside [0, {self.num_classes}) "
                 f"(num_classes from {self.folder / 'property'})"
             )
-        image = None
-        if image_bytes:
-            try:
-                image = cv2.imdecode(np.frombuffer(image_bytes, np.uint8), cv2.IMREAD_COLOR)
-            except cv2.error:
-                image = None
+        image = decode_image(image_bytes)
         if image is None:
             raise CorruptRecordError(
                 f"{self.rec_path}: record key {key}: cannot decode its {len(image_bytes)} image bytes: corrupt or not an image"
             )
         # _load returns only the image: keep the label of the sample it actually read (it may skip)
         self._label = (i, int(value))
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        return image
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         i, image = self._load(index)

@@ -33,7 +33,7 @@ from typing import Any, Optional
 import cv2
 import numpy as np
 
-from .image_folder import CorruptImageError, _ImageDataset, read_image
+from .image_folder import CorruptImageError, _ImageDataset, decode_image, image_hw, read_image
 
 __all__ = [
     "UnsafePickleError",
@@ -309,9 +309,7 @@ class VerificationPairs(_ImageDataset):
         self.name = name
         self.source = source
         self.issame = [bool(s) for s in issame]
-        if isinstance(image_size, int):
-            image_size = (image_size, image_size)
-        self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
+        self.image_size = None if image_size is None else image_hw(image_size)
         self._encoded = list(encoded) if encoded is not None else None
 
     @classmethod
@@ -350,17 +348,11 @@ class VerificationPairs(_ImageDataset):
             image = read_image(self.paths[i])
         else:
             data = self._encoded[i]
-            bgr = None
-            if data:
-                try:
-                    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-                except cv2.error:
-                    bgr = None
-            if bgr is None:
+            image = decode_image(data)
+            if image is None:
                 raise CorruptImageError(
                     f"cannot decode image {i} (pair {i // 2}) of {self.source} ({len(data)} bytes): corrupt or not an image"
                 )
-            image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         if self.image_size is not None and image.shape[:2] != self.image_size:
             height, width = self.image_size
             shrink = height <= image.shape[0] and width <= image.shape[1]

@@ -1,16 +1,20 @@
 """Shared test helpers: randomized BN statistics make every fusion test meaningful."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+from datetime import timedelta
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -69,6 +73,25 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world_size: int, port: int) -> Iterator[None]:
+    """A CPU (gloo) process group on localhost for a spawned worker, one thread per process.
+
+    On the way out every rank meets at a barrier before the group is destroyed: a rank that tore
+    its group down while a peer was still talking to it would abort the peer at exit
+    ("terminate called without an active exception").
+    """
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def copy_root(root: Path, tmp_path: Path) -> Path:

@@ -4,20 +4,17 @@ of the replicated class-centre matrix (2 gloo processes vs one process on the gl
 from __future__ import annotations
 
 import math
-import os
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from backbones import max_relative_error
 from tasks.margin_head import DEFAULT_SCALE_MARGIN, MarginHead
-from conftest import free_port
+from conftest import free_port, gloo_group
 
 
 def _reference(head: MarginHead, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -215,11 +212,7 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world_size, port):
         model = nn.parallel.DistributedDataParallel(_model())
         x, y = _global_batch()
         half = GLOBAL_BATCH // world_size
@@ -228,8 +221,6 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         loss.backward()
         if rank == 0:
             torch.save({"grads": _grads(model.module), "loss": loss.detach()}, Path(out_dir) / "rank0.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_gradients_equal_single_process(tmp_path):

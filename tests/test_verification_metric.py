@@ -4,15 +4,12 @@
 from __future__ import annotations
 
 import math
-import os
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tasks.verification_metric import (
@@ -25,7 +22,7 @@ from tasks.verification_metric import (
     roc_auc,
     tar_at_far,
 )
-from conftest import free_port
+from conftest import free_port, gloo_group
 
 KEYS = {"acc", "acc_std", "threshold", "tar@far=1e-3", "auc", "pairs", "folds"}
 
@@ -380,11 +377,7 @@ def _ddp_shards(world_rank: int) -> list[np.ndarray]:
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world_size, port):
         a, b, s = make_pairs(N_DDP, seed=12)
         results: dict[str, object] = {}
 
@@ -405,8 +398,6 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         except RuntimeError as err:
             results["duplicate"] = str(err)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_two_processes_gloo(tmp_path):

@@ -52,6 +52,15 @@ def run_task(task: str, *args: str, cwd: Path, demo_root: Path, timeout: int = 6
                           capture_output=True, text=True, timeout=timeout)
 
 
+def demo_fit(task: str, tmp_path_factory) -> tuple[Path, Path, Path, subprocess.CompletedProcess]:
+    """``python -m tasks.<task> fit`` with no arguments on a fresh demo cache:
+    ``(cwd, demo cache, run folder, process)``."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    demo_root = tmp_path_factory.mktemp("cache")
+    proc = assert_ok(run_task(task, "fit", cwd=cwd, demo_root=demo_root))
+    return cwd, demo_root, cwd / "runs" / f"{task}-demo" / "version_0", proc
+
+
 def assert_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from datamodules.demo import classification_demo
-from conftest import REPO, assert_failed as _failed, assert_ok as _ok, read_results as _results, run_task
+from conftest import REPO, assert_failed as _failed, assert_ok as _ok, demo_fit, read_results as _results, run_task
 
 QUICK = [
     "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
@@ -25,11 +25,7 @@ def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """``python -m tasks.classification fit`` with no arguments, on a fresh demo cache."""
-    cwd = tmp_path_factory.mktemp("cwd")
-    demo_root = tmp_path_factory.mktemp("cache")
-    proc = _ok(_cli("fit", cwd=cwd, demo_root=demo_root))
-    run = cwd / "runs" / "classification-demo" / "version_0"
-    return cwd, demo_root, run, proc
+    return demo_fit("classification", tmp_path_factory)
 
 
 def test_no_argument_fit_learns_converts_and_tests_the_deploy_model(demo_run):

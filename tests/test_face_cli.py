@@ -12,7 +12,7 @@ import pytest
 from datamodules.demo_faces import DEMO_VERIFICATION_SETS
 from datamodules.recordio import write_face_recordio
 from datamodules.verification_pairs import read_bin
-from conftest import assert_failed as _failed, assert_ok as _ok, copy_root, read_results as _results, run_task
+from conftest import assert_failed as _failed, assert_ok as _ok, copy_root, demo_fit, read_results as _results, run_task
 
 SETS = DEMO_VERIFICATION_SETS
 QUICK = [
@@ -28,10 +28,7 @@ def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """``python -m tasks.face fit`` with no arguments, on a fresh demo cache."""
-    cwd = tmp_path_factory.mktemp("cwd")
-    demo_root = tmp_path_factory.mktemp("cache")
-    proc = _ok(_cli("fit", cwd=cwd, demo_root=demo_root))
-    return cwd, demo_root, cwd / "runs" / "face-demo" / "version_0", proc
+    return demo_fit("face", tmp_path_factory)
 
 
 def test_no_argument_fit_learns_converts_and_tests_every_set(demo_run):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_failed, assert_ok, read_results, run_task
+from conftest import assert_failed, assert_ok, demo_fit, read_results, run_task
 from datamodules.demo import cityscapes_demo
 
 QUICK = [
@@ -28,10 +28,7 @@ def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """``python -m tasks.segmentation fit`` with no arguments, on a fresh demo cache."""
-    cwd = tmp_path_factory.mktemp("cwd")
-    demo_root = tmp_path_factory.mktemp("cache")
-    proc = assert_ok(_cli("fit", cwd=cwd, demo_root=demo_root))
-    return cwd, demo_root, cwd / "runs" / "segmentation-demo" / "version_0", proc
+    return demo_fit("segmentation", tmp_path_factory)
 
 
 def test_no_argument_fit_learns_converts_and_tests_the_deploy_model(demo_run):

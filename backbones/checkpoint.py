@@ -24,6 +24,8 @@ from torch import Tensor, nn
 __all__ = [
     "TASK_PREFIXES",
     "load_state_dict_file",
+    "read_torch_file",
+    "atomic_write",
     "strip_prefix",
     "select_prefix",
     "state_dict_mode",
@@ -96,9 +98,11 @@ def _read_safetensors(path: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return state_dict, _decode_safetensors_metadata(metadata)
 
 
-def _read_torch(path: str) -> Any:
+def read_torch_file(path: str, map_location: Any = "cpu", weights_only: bool = True) -> Any:
+    """``torch.load`` whose failures say what is wrong with the file: truncated or corrupt, or
+    holding objects that ``weights_only=True`` refuses (named). Raises ``ValueError``."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as exc:  # truncated zip, bad pickle, refused global, ...
         text = str(exc).strip()
         if "Weights only load failed" in text:
@@ -170,7 +174,7 @@ def load_state_dict_file(path: PathLike) -> tuple[dict[str, Tensor], dict[str, A
         if not state_dict:
             raise ValueError(f"not a readable checkpoint: {path} contains no tensors")
         return state_dict, meta
-    return _unwrap(_read_torch(path), path)
+    return _unwrap(read_torch_file(path), path)
 
 
 # --------------------------------------------------------------------------- key prefixes
@@ -323,7 +327,7 @@ def load_into(
 
 
 # --------------------------------------------------------------------------- writing
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call ``write(tmp)`` on a temporary file next to ``path``, then move it into place."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -372,10 +376,10 @@ def save_checkpoint(
         from safetensors.torch import save_file
 
         metadata = {"arch": arch, "model_kwargs": json.dumps(kwargs), "deploy": str(deploy).lower(), "format": "pt"}
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     else:
         payload = {"state_dict": tensors, "arch": arch, "model_kwargs": kwargs, "deploy": deploy}
-        _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def save_deploy_checkpoint(

@@ -22,7 +22,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import albumentations as A
 import cv2
@@ -35,6 +35,7 @@ from .demo import cityscapes_demo
 from .split_loaders import SplitDataModule
 from .image_folder import CorruptImageError, ImageList, SeedPerStepCompose, _ImageDataset, image_hw, list_images, read_image
 from .imagenet import IMAGENET_MEAN, IMAGENET_STD
+from .seeded_sampler import SampleKey
 
 __all__ = [
     "CLASSES",
@@ -447,8 +448,8 @@ class CityscapesSegmentation(_ImageDataset):
             )
         return image, label
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, label = self.load(index)
+    def __getitem__(self, key: Union[int, SampleKey]) -> tuple[torch.Tensor, torch.Tensor]:
+        image, label = self.load(self._index(key))
         if self.transform is None:
             return torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(label).long()
         self._seed_transform()
@@ -478,6 +479,8 @@ class CityscapesDataModule(SplitDataModule):
             Cityscapes' ``test`` split are not public, so ``test`` there allows image-only folders.
         predict_root: folder of images (searched recursively) for ``predict``.
         mean, std: normalization (RGB, 0..1 units).
+        seed: seed of the training order and augmentation, a function of ``(seed, epoch)``
+            (:class:`SeededSampler`); the CLI sets it to ``seed_everything``.
     """
 
     def __init__(
@@ -496,6 +499,7 @@ class CityscapesDataModule(SplitDataModule):
         predict_root: Optional[str] = None,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -512,6 +516,7 @@ class CityscapesDataModule(SplitDataModule):
         self.test_split = test_split
         self.predict_root = predict_root
         self.mean, self.std = mean, std
+        self.seed = seed
         self.datasets: dict[str, Dataset] = {}
         self._check_arguments()
 

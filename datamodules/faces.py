@@ -73,6 +73,8 @@ class FaceDataModule(SplitDataModule):
         predict_root: folder of aligned faces (searched recursively) for ``predict``.
         skip_corrupt: skip unreadable training images (logged and counted) instead of stopping;
             verification pairs are never skipped, as that would change the protocol.
+        seed: seed of the training order and augmentation, a function of ``(seed, epoch)``
+            (:class:`SeededSampler`); the CLI sets it to ``seed_everything``.
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class FaceDataModule(SplitDataModule):
         flip: bool = True,
         predict_root: Optional[str] = None,
         skip_corrupt: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -106,6 +109,7 @@ class FaceDataModule(SplitDataModule):
         self.flip = flip
         self.predict_root = predict_root
         self.skip_corrupt = skip_corrupt
+        self.seed = seed
         self._sets: Optional[dict[str, str]] = None
         self._sets_error: Optional[FileNotFoundError] = None
         self.datasets: dict[str, Dataset] = {}

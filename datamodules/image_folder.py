@@ -11,13 +11,15 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import albumentations as A
 import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
+
+from .seeded_sampler import SampleKey
 
 __all__ = [
     "IMG_EXTENSIONS",
@@ -160,14 +162,28 @@ class _ImageDataset(Dataset):
         self.skip_corrupt = skip_corrupt
         self.skipped = 0
         self._seed_key: Any = None
+        self._sample_seed: Optional[int] = None
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _index(self, key: Union[int, SampleKey]) -> int:
+        """The sample index of a dataset key: an int, or a :class:`SampleKey` from the training
+        sampler, whose seed then fixes this sample's augmentation."""
+        if isinstance(key, SampleKey):
+            self._sample_seed = key.seed
+            return key.index
+        self._sample_seed = None
+        return key
+
     def _seed_transform(self) -> None:
-        # albumentations draws from its own generator: seed it from the worker's torch seed, which
-        # Lightning's seed_everything makes deterministic and which changes every epoch.
+        # albumentations draws from its own generator. A training sample carries its own seed
+        # (SeededSampler); other keys seed once per worker from the worker's torch seed.
         if self.transform is None or not hasattr(self.transform, "set_random_seed"):
+            return
+        if self._sample_seed is not None:
+            self.transform.set_random_seed(self._sample_seed)
+            self._seed_key = None
             return
         info = get_worker_info()
         key = (os.getpid(), info.id if info else None)
@@ -224,14 +240,14 @@ class ImageFolder(_ImageDataset):
         super().__init__([p for p, _ in samples], transform, skip_corrupt)
         self.targets = [t for _, t in samples]
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        i, image = self._load(index)
+    def __getitem__(self, key: Union[int, SampleKey]) -> tuple[Any, int]:
+        i, image = self._load(self._index(key))
         return self._transform(image), self.targets[i]
 
 
 class ImageList(_ImageDataset):
     """``(image, path)`` samples of unlabeled images, for prediction."""
 
-    def __getitem__(self, index: int) -> tuple[Any, str]:
-        i, image = self._load(index)
+    def __getitem__(self, key: Union[int, SampleKey]) -> tuple[Any, str]:
+        i, image = self._load(self._index(key))
         return self._transform(image), self.paths[i]

@@ -79,6 +79,8 @@ class ImageNetDataModule(SplitDataModule):
         predict_root: folder of images (searched recursively) for ``predict``; default the test split.
         skip_corrupt: skip unreadable images (logged and counted) instead of stopping with an error.
         mean, std: normalization.
+        seed: seed of the training order and augmentation, a function of ``(seed, epoch)``
+            (:class:`SeededSampler`); the CLI sets it to ``seed_everything``.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class ImageNetDataModule(SplitDataModule):
         skip_corrupt: bool = False,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -111,6 +114,7 @@ class ImageNetDataModule(SplitDataModule):
         self.predict_root = predict_root
         self.skip_corrupt = skip_corrupt
         self.mean, self.std = mean, std
+        self.seed = seed
         self._classes: Optional[list[str]] = None
         self.datasets: dict[str, Dataset] = {}
         eval_transform(self.image_size, val_crop_ratio)  # validate the arguments now, not mid-run

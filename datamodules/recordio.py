@@ -41,6 +41,7 @@ from typing import Any, NamedTuple, Optional, Union
 import numpy as np
 
 from .image_folder import CorruptImageError, _ImageDataset, decode_image, image_hw
+from .seeded_sampler import SampleKey
 
 __all__ = [
     "MAGIC",
@@ -481,8 +482,8 @@ class FaceRecordDataset(_ImageDataset):
         self._label = (i, int(value))
         return image
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        i, image = self._load(index)
+    def __getitem__(self, key: Union[int, SampleKey]) -> tuple[Any, int]:
+        i, image = self._load(self._index(key))
         read_index, label = self._label
         assert read_index == i, "label bookkeeping out of step with _load"
         return self._transform(image), label

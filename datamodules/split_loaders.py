@@ -1,7 +1,8 @@
 """How a datamodule's splits become DataLoaders, with exact evaluation under DDP.
 
-:class:`SplitDataModule` serves ``self.datasets[split]`` for the four stages: training shuffled
-with ``drop_last`` (and an error when the batch is larger than the set), evaluation in order with
+:class:`SplitDataModule` serves ``self.datasets[split]`` for the four stages: training in the
+order and with the augmentation seeds of :class:`SeededSampler` (a resumed run sees the same
+batches), with ``drop_last`` (and an error when the batch is larger than the set), evaluation in order with
 :func:`distributed_eval_sampler`, so every image is on exactly one rank and none is repeated.
 
 Lightning's val/test ``DistributedSampler`` pads the shorter ranks with repeated samples so that
@@ -17,6 +18,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .seeded_sampler import SeededSampler
 
 __all__ = ["distributed_eval_sampler", "SplitDataModule"]
 
@@ -39,24 +42,53 @@ def distributed_eval_sampler(dataset: Dataset) -> Optional[Sampler]:
 class SplitDataModule(pl.LightningDataModule):
     """Loaders over ``self.datasets`` (``train``, ``val``, ``test``, ``predict``), filled by ``setup``.
 
-    Subclasses set ``batch_size``, ``val_batch_size``, ``num_workers``, ``pin_memory`` and
-    ``persistent_workers``.
+    Subclasses set ``seed``, ``batch_size``, ``val_batch_size``, ``num_workers``, ``pin_memory``
+    and ``persistent_workers``.
     """
 
     datasets: dict[str, Dataset]
+    seed: int
     batch_size: int
     val_batch_size: int
     num_workers: int
     pin_memory: bool
     persistent_workers: bool
 
+    _resume: Optional[dict[str, int]] = None  # training position of a checkpoint being resumed
+
+    def state_dict(self) -> dict[str, int]:
+        """The training position, saved in every checkpoint: the epoch, the batches of it done, and
+        the epoch's length in batches."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn is None or trainer.state.fn.value != "fit":
+            return {}
+        return {"epoch": trainer.current_epoch, "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.completed,
+                "batches_per_epoch": int(trainer.num_training_batches)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = dict(state) if state else None
+
+    def _train_sampler(self, dataset: Dataset) -> SeededSampler:
+        sampler = SeededSampler(dataset, self.seed)
+        if self._resume is not None:
+            # Lightning creates the first resumed epoch's iterator before it calls set_epoch
+            epoch, done = self._resume["epoch"], self._resume["batches_done"]
+            if done >= self._resume["batches_per_epoch"]:  # saved at the end of an epoch
+                epoch, done = epoch + 1, 0
+            sampler.resume(epoch, done * self.batch_size)
+            self._resume = None
+        return sampler
+
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.val_batch_size,
-            shuffle=train,
             drop_last=train,
-            sampler=None if train else distributed_eval_sampler(dataset),
+            sampler=self._train_sampler(dataset) if train else distributed_eval_sampler(dataset),
+            # The loader's worker seeds come from its own generator: drawn from the global RNG, a
+            # persistent worker pool created at a different point of a resumed run would shift
+            # the stream that dropout draws from.
+            generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,

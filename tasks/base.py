@@ -10,6 +10,7 @@
   the checkpoint markers that let ``test --ckpt_path deploy.ckpt`` rebuild the deploy structure
   (:meth:`on_save_checkpoint` / :meth:`on_load_checkpoint`), with clear errors for a checkpoint of
   another backbone or shape;
+- the global RNG states in every training checkpoint, restored on resume (:mod:`tasks.rng_state`);
 - ``results.json`` in the log folder after every test run (:meth:`on_test_end`).
 
 Subclasses add the head, the loss, the metrics and the steps.
@@ -31,6 +32,8 @@ from backbones.checkpoint import check_fits, load_state_dict_file, state_dict_mo
 from backbones.complexity import count_macs, count_params
 from backbones.registry import model_input_size
 from backbones.reparam import max_relative_error
+
+from .rng_state import rng_state, set_rng_state
 
 __all__ = ["ReparamTask", "RESULTS_FILE"]
 
@@ -111,6 +114,7 @@ class ReparamTask(pl.LightningModule):
         self.deploy = deploy
         # Filled by convert_to_deploy (or read from a deploy checkpoint): params, error, tolerance.
         self.reparam_info: Optional[dict[str, Any]] = None
+        self._resume_rng: Optional[dict[str, Any]] = None  # RNG states of a checkpoint being resumed
 
     # ------------------------------------------------------------------ backbone
     def backbone_args(self) -> dict[str, Any]:
@@ -190,6 +194,10 @@ class ReparamTask(pl.LightningModule):
         checkpoint["backbone"] = self.backbone_spec()
         if self.reparam_info is not None:
             checkpoint["reparam"] = self.reparam_info
+        if self.trainer_stage() == "fit":
+            # Every rank seeds the same and draws the same, so rank 0's state (the one written)
+            # serves every rank on resume.
+            checkpoint["rng"] = rng_state()
 
     def mismatch_hints(self, state_dict: dict[str, Tensor]) -> list[str]:
         """Task-specific explanations of a checkpoint that does not fit (e.g. class count)."""
@@ -230,6 +238,15 @@ class ReparamTask(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         source = (self._trainer.ckpt_path if self._trainer is not None else None) or "(checkpoint)"
         self._align_with_checkpoint(checkpoint, str(source))
+        if self.trainer_stage() == "fit":
+            self._resume_rng = checkpoint.get("rng")
+
+    def on_train_start(self) -> None:
+        # Restored here, after the sanity check (which Lightning runs with the RNGs isolated), so
+        # the resumed epoch draws what the uninterrupted run drew after saving the checkpoint.
+        if self._resume_rng is not None:
+            set_rng_state(self._resume_rng)
+            self._resume_rng = None
 
     # ------------------------------------------------------------------ optimization
     def parameter_groups(self) -> list[dict[str, Any]]:

@@ -6,8 +6,10 @@
 - the crop size follows the model: ``data.image_size`` is computed from ``model.backbone`` and
   ``model.backbone_kwargs`` (a RepMLP backbone is built for one input size);
 - :class:`callbacks.ReparamCallback` is always present (options under ``--reparam.*``);
-- ``seed_everything`` must be an explicit integer; the config is saved with every run
-  (overwriting the copy of an earlier run in the same folder);
+- ``seed_everything`` must be an explicit integer; it also seeds the training order and
+  augmentation (``data.seed``), so ``--ckpt_path last`` resumes exactly; the config is saved with
+  every run (overwriting the copy of an earlier run in the same folder);
+- checkpoints are written atomically and an unreadable one is named (:mod:`tasks.checkpoint_io`);
 - ``fit`` is followed by ``test`` of the converted model (``--test_after_fit false`` to skip);
 - ``--ckpt_path`` loads weights into the model the config describes (use the run's saved
   ``config.yaml``); a checkpoint of another backbone, class count or mode is explained, and a
@@ -21,10 +23,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from pytorch_lightning import Trainer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from backbones import input_size
 from callbacks.reparam import ReparamCallback
+
+from .checkpoint_io import CheckedCheckpointIO
 
 __all__ = ["TaskCLI", "CONFIG_DIR", "DEFAULT_SEED"]
 
@@ -38,6 +44,12 @@ def _has_config(args: Sequence[str]) -> bool:
 
 def _model_input_size(backbone: str, backbone_kwargs: Optional[dict[str, Any]]) -> tuple[int, int]:
     return input_size(backbone, **(backbone_kwargs or {}))
+
+
+def _explicit_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed_everything must be an explicit integer for reproducible runs, got {seed!r}")
+    return seed
 
 
 class TaskCLI(LightningCLI):
@@ -86,6 +98,53 @@ class TaskCLI(LightningCLI):
             ("model.backbone", "model.backbone_kwargs"), "data.image_size",
             compute_fn=_model_input_size, apply_on="parse",
         )
+        parser.link_arguments("seed_everything", "data.seed", compute_fn=_explicit_seed, apply_on="parse")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # keep a user's own plugin
+            trainer.strategy.checkpoint_io = CheckedCheckpointIO()
+        return trainer
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":
+            self._resolve_last_checkpoint(self.config.fit)
+
+    def _resolve_last_checkpoint(self, config: Any) -> None:
+        """``fit --ckpt_path last``: continue the newest run of this config in its own folder.
+
+        Lightning looks for ``last.ckpt`` only in the *new* run's folder (a fresh ``version_N``), so
+        it would find none and silently start over. Here the newest ``last.ckpt`` among the logger's
+        ``version_*/checkpoints`` (or the ModelCheckpoint's ``dirpath``) is resumed, and the logger
+        writes on into that run's folder.
+        """
+        logger = config.trainer.get("logger")
+        logger = logger[0] if isinstance(logger, list) and logger else logger
+        init = logger.get("init_args") if hasattr(logger, "get") else None
+        dirpaths = [cb.init_args.get("dirpath") for cb in (config.trainer.get("callbacks") or [])
+                    if hasattr(cb, "init_args") and str(cb.get("class_path", "")).endswith("ModelCheckpoint")]
+        fixed = [d for d in dirpaths if d]
+        if fixed:
+            candidates = [Path(fixed[0]) / "last.ckpt"]
+            where = f"the ModelCheckpoint dirpath {fixed[0]}"
+        elif init is not None and init.get("save_dir") is not None:
+            run_root = Path(init["save_dir"]) / (init.get("name") or "lightning_logs")
+            candidates = sorted(run_root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+            where = f"{run_root}/version_*/checkpoints"
+        else:
+            raise ValueError("--ckpt_path last needs a trainer.logger with a save_dir, or a ModelCheckpoint dirpath, "
+                             "to find the run to resume; give the checkpoint's path instead")
+        found = [p for p in candidates if p.is_file()]
+        if not found:
+            raise FileNotFoundError(f"--ckpt_path last: no last.ckpt in {where}; nothing to resume "
+                                    "(the configs keep the latest state with a ModelCheckpoint of filename: last)")
+        last = found[-1]
+        config.ckpt_path = str(last)
+        if not fixed and last.parent.parent.name.startswith("version_"):
+            init["version"] = last.parent.parent.name.removeprefix("version_")
+            if init["version"].isdigit():
+                init["version"] = int(init["version"])
+        print(f"resuming from {last}")
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI would replace the model arguments by the checkpoint's hyperparameters. Here
@@ -101,11 +160,7 @@ class TaskCLI(LightningCLI):
 
     def _set_seed(self) -> None:
         # Checked before Lightning turns ``true`` into a seed taken from the environment (or 0).
-        seed = self._get(self.config, "seed_everything")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(
-                f"seed_everything must be an explicit integer for reproducible runs, got {seed!r}"
-            )
+        _explicit_seed(self._get(self.config, "seed_everything"))
         super()._set_seed()
 
     def after_fit(self) -> None:

@@ -163,13 +163,18 @@ def test_datamodule_batches_and_num_classes(demo):
     assert x.shape == (4, 3, 32, 40) and all(Path(p).is_file() for p in paths)
 
 
-def test_augmentation_is_seeded_by_torch(demo):
-    def first_batch(seed: int):
-        torch.manual_seed(seed)
-        dm = _dm(demo)
+def test_training_batches_are_a_function_of_seed_and_epoch(demo):
+    """Order and augmentation follow data.seed and the epoch only: not the global RNG, not the
+    number of workers (what makes a resumed run exact)."""
+    def first_batch(seed: int, epoch: int = 0, torch_seed: int = 0, workers: int = 0):
+        torch.manual_seed(torch_seed)
+        dm = _dm(demo, seed=seed, num_workers=workers)
         dm.setup("fit")
-        return next(iter(dm.train_dataloader()))
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        return next(iter(loader))
 
-    (a, ya), (b, yb), (c, _) = first_batch(3), first_batch(3), first_batch(4)
+    (a, ya), (b, yb) = first_batch(3), first_batch(3, torch_seed=1, workers=2)
     assert torch.equal(a, b) and torch.equal(ya, yb)
-    assert not torch.equal(a, c)
+    assert not torch.equal(a, first_batch(4)[0])
+    assert not torch.equal(a, first_batch(3, epoch=1)[0])

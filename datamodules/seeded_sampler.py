@@ -5,7 +5,7 @@ have seen. Neither a ``RandomSampler`` (it draws from the global RNG) nor augmen
 the DataLoader's worker seeds (drawn from the global RNG; fixed for the life of persistent
 workers; one stream for the whole run with ``num_workers=0``) survive a restart. Here:
 
-- :class:`SeededSampler` permutes the training set with a generator seeded by ``seed + epoch``
+- :class:`SeededSampler` permutes the training set with a generator seeded by ``(seed, epoch)``
   (Lightning calls ``set_epoch`` at every epoch start), shards it over DDP ranks like
   ``DistributedSampler`` (which it is, so Lightning keeps it under DDP);
 - :meth:`SeededSampler.resume` starts a resumed run where the checkpoint left off, mid-epoch
@@ -17,6 +17,7 @@ workers; one stream for the whole run with ``num_workers=0``) survive a restart.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import NamedTuple, Optional, Sized
 
@@ -36,7 +37,7 @@ class SampleKey(NamedTuple):
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The augmentation seed of sample ``index`` in ``epoch`` of a run seeded with ``seed``."""
-    return int(np.random.SeedSequence([seed % 2**32, epoch, index]).generate_state(1)[0])
+    return int(np.random.SeedSequence([seed % 2**32, epoch, index % 2**32]).generate_state(1)[0])
 
 
 class SeededSampler(DistributedSampler):
@@ -48,7 +49,7 @@ class SeededSampler(DistributedSampler):
         num_replicas, rank: DDP world size and rank; default: the initialized process group, or
             a single process.
 
-    Every epoch is a permutation of ``seed + epoch``; with ``N`` ranks each takes every ``N``-th
+    Every epoch is a permutation drawn from ``(seed, epoch)``; with ``N`` ranks each takes every ``N``-th
     index of it, the last ones padded with the first (as ``DistributedSampler`` does).
     """
 
@@ -76,6 +77,10 @@ class SeededSampler(DistributedSampler):
         super().set_epoch(epoch)
 
     def __iter__(self) -> Iterator[SampleKey]:  # type: ignore[override]
-        for position, index in enumerate(super().__iter__()):
-            if position >= self._skip:
-                yield SampleKey(index, sample_seed(self.seed, self.epoch, index))
+        # DistributedSampler's permutation of seed + epoch would repeat across runs (seed 1, epoch 1
+        # = seed 2, epoch 0): hash the pair instead.
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        order += (order * math.ceil(self.total_size / len(order)))[: self.total_size - len(order)]
+        for index in order[self.rank:self.total_size:self.num_replicas][self._skip:]:
+            yield SampleKey(index, sample_seed(self.seed, self.epoch, index))

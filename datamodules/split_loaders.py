@@ -62,7 +62,7 @@ class SplitDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is None or trainer.state.fn is None or trainer.state.fn.value != "fit":
             return {}
-        return {"epoch": trainer.current_epoch, "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.completed,
+        return {"epoch": trainer.current_epoch, "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed,
                 "batches_per_epoch": int(trainer.num_training_batches)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from callbacks.prediction_csv import TopKCSVWriter
@@ -58,6 +59,8 @@ class ClassificationTask(ReparamTask):
         for stage in ("val", "test"):
             setattr(self, f"{stage}_top1", MulticlassAccuracy(num_classes, top_k=1, average="micro"))
             setattr(self, f"{stage}_top5", MulticlassAccuracy(num_classes, top_k=self.topk, average="micro"))
+            # a mean over images, summed across ranks: exact when the ranks hold unequal shares
+            setattr(self, f"{stage}_loss", MeanMetric())
 
     def backbone_args(self) -> dict[str, Any]:
         return {**self.backbone_kwargs, "num_classes": self.num_classes}
@@ -90,14 +93,16 @@ class ClassificationTask(ReparamTask):
         self._check_labels(labels)
         logits = self(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
-        if stage != "train":
-            top1, top5 = getattr(self, f"{stage}_top1"), getattr(self, f"{stage}_top5")
-            top1(logits, labels)
-            top5(logits, labels)
-            self.log(f"{stage}/top1", top1, prog_bar=True)
-            self.log(f"{stage}/top5", top5)
+        if stage == "train":
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+            return loss
+        mean_loss, top1, top5 = (getattr(self, f"{stage}_{name}") for name in ("loss", "top1", "top5"))
+        mean_loss(loss, weight=labels.numel())
+        top1(logits, labels)
+        top5(logits, labels)
+        self.log(f"{stage}/loss", mean_loss, prog_bar=True)
+        self.log(f"{stage}/top1", top1, prog_bar=True)
+        self.log(f"{stage}/top5", top5)
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:

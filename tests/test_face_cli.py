@@ -139,12 +139,3 @@ def test_paper_configs_parse(tmp_path):
             assert needle in proc.stdout, (name, needle)
 
 
-def test_ddp_fit_and_test_count_every_pair_once(small_face_root, tmp_path):
-    """Two CPU ranks (gloo): 20 pairs per set split over the ranks are gathered back to 20, and the
-    deploy model is written once."""
-    proc = _ok(_cli("fit", *QUICK, "--data.root", str(small_face_root), "--trainer.strategy", "ddp",
-                    "--trainer.devices", "2", "--data.val_batch_size", "3", cwd=tmp_path, demo_root=tmp_path,
-                    timeout=400))
-    assert (proc.stdout + proc.stderr).count("ReparamCallback: deploy model written") == 1
-    results = _results(tmp_path / "runs" / "face-demo" / "version_0")
-    assert [s["pairs"] for s in results["verification"].values()] == [20, 20]

@@ -81,6 +81,7 @@ class ReparamTask(pl.LightningModule):
     """
 
     task_name = "task"
+    primary_metric = "test/loss"  # what tasks.compare ranks models by; subclasses name their own
 
     def __init__(
         self,
@@ -313,6 +314,9 @@ class ReparamTask(pl.LightningModule):
             "flops": 2 * macs,  # FlopCounterMode convention: one multiply-add = 2 FLOPs
             "input_size": list(self.input_size),
             "reparam": self.reparam_info,
+            "primary_metric": self.primary_metric,
+            # the constructor arguments, to rebuild the task (tasks.compare measures its speed)
+            "hparams": _plain({k: v for k, v in self.hparams.items() if not k.startswith("_")}),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
 

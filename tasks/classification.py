@@ -39,6 +39,7 @@ class ClassificationTask(ReparamTask):
     """
 
     task_name = "classification"
+    primary_metric = "test/top1"
 
     def __init__(
         self,

@@ -54,6 +54,7 @@ class FaceTask(ReparamTask):
     """
 
     task_name = "face"
+    primary_metric = "test/acc"
 
     def __init__(
         self,

@@ -67,6 +67,7 @@ class SegmentationTask(ReparamTask):
     """
 
     task_name = "segmentation"
+    primary_metric = "test/mIoU"
 
     def __init__(
         self,

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO, assert_ok, free_port, read_results, run_task
 from datamodules.demo import cityscapes_demo, classification_demo
@@ -115,3 +116,15 @@ def test_two_torchrun_nodes(tmp_path):
     [run] = [p.parent for p in (tmp_path / "runs").rglob("deploy.ckpt")]
     results = read_results(run)
     assert results["deploy"] and 0.0 <= results["metrics"]["test/top1"] <= 1.0
+
+
+@pytest.mark.parametrize("config", ["classification/imagenet_trainer.yaml", "segmentation/cityscapes_trainer.yaml",
+                                    "face/face_trainer.yaml", "face/mobilefacenet.yaml"])
+def test_gpu_configs_use_ddp_with_sync_batchnorm_and_keep_the_latest_state(config):
+    """SyncBatchNorm is for GPUs (torch refuses it on CPU); Lightning reverts it before the deploy
+    conversion, which refuses it otherwise (tests/test_blocks.py)."""
+    trainer = yaml.safe_load((REPO / "configs" / config).read_text())
+    trainer = trainer.get("trainer", trainer)
+    assert trainer["accelerator"] == "gpu" and trainer["strategy"] == "ddp" and trainer["sync_batchnorm"] is True
+    latest = [c["init_args"] for c in trainer["callbacks"] if c["init_args"].get("filename") == "last"]
+    assert latest and ("every_n_train_steps" in latest[0] or latest[0].get("save_on_train_epoch_end"))

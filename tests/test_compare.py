@@ -1,0 +1,76 @@
+"""``python -m tasks.compare``: three real test runs side by side, and the runs it refuses."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import pytest
+
+from conftest import REPO, assert_ok, run_task
+from datamodules.demo import classification_demo
+
+MODELS = ["resnet_tiny", "repmlp_res_tiny", "repmlp_res_light_tiny"]
+
+
+def _compare(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tasks.compare", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """``python -m tasks.classification test`` of three models (untrained: the metric is whatever they score)."""
+    cwd = tmp_path_factory.mktemp("compare")
+    root = classification_demo(cwd / "data", train_per_class=1, val_per_class=2, image_size=72)
+    for model in MODELS:
+        assert_ok(run_task("classification", "test", "--data.root", str(root), "--model.backbone", model,
+                           "--trainer.logger.init_args.name", model, "--trainer.enable_progress_bar", "false",
+                           "--data.num_workers", "0", cwd=cwd, demo_root=cwd))
+    return cwd
+
+
+def test_three_runs_give_the_table_the_csv_and_the_plot(runs):
+    proc = assert_ok(_compare("runs/resnet_tiny", "runs/repmlp_res_tiny/version_0", "runs/repmlp_res_light_tiny/version_0/results.json",
+                              "--baseline", "resnet_tiny", "--out", "cmp", "--iters", "2", cwd=runs))
+    out = runs / "cmp"
+    rows = list(csv.DictReader(open(out / "comparison.csv")))
+    assert [r["model"] for r in rows] == MODELS
+    assert [r["baseline"] for r in rows] == ["True", "False", "False"]
+    results = {m: json.loads((runs / "runs" / m / "version_0" / "results.json").read_text()) for m in MODELS}
+    for row in rows:
+        metric = results[row["model"]]["metrics"]["test/top1"]
+        assert float(row["metric"]) == pytest.approx(metric)
+        assert float(row["delta"]) == pytest.approx(metric - results["resnet_tiny"]["metrics"]["test/top1"])
+        assert float(row["throughput"]) > 0 and float(row["gflops"]) > 0
+    # the RepMLP models lose parameters in conversion; the plain ResNet loses only its BN affine pairs
+    params = {r["model"]: (int(r["params_train"]), int(r["params_deploy"])) for r in rows}
+    assert all(deploy < train for train, deploy in params.values())
+    assert float(rows[0]["speed_vs_baseline"]) == 1.0
+
+    table = (out / "comparison.md").read_text()
+    assert table in proc.stdout and "| resnet_tiny (baseline) |" in table and table.count("\n| repmlp_res_") == 2
+    assert "top-1 (%)" in table and "batch 8" in table
+    image = cv2.imread(str(out / "comparison.png"))
+    assert image is not None and image.shape[1] > image.shape[0] > 300 and (image < 128).any()
+
+
+def test_mixed_tasks_are_refused(runs, tmp_path):
+    other = json.loads((runs / "runs" / "resnet_tiny" / "version_0" / "results.json").read_text())
+    other["task"] = "segmentation"
+    (tmp_path / "results.json").write_text(json.dumps(other))
+    proc = _compare("runs/resnet_tiny", str(tmp_path / "results.json"), "--out", str(tmp_path / "cmp"), cwd=runs)
+    assert proc.returncode == 2 and "runs of different tasks cannot be compared" in proc.stderr
+    assert "classification: runs/resnet_tiny" in proc.stderr and not (tmp_path / "cmp").exists()
+
+
+def test_unclear_arguments_are_named(runs, tmp_path):
+    proc = _compare("runs", "--out", str(tmp_path), cwd=runs)  # three runs below: which one?
+    assert proc.returncode == 2 and "runs holds 3 runs; name one of them" in proc.stderr
+    proc = _compare("runs/resnet_tiny", "runs/repmlp_res_tiny", "--baseline", "resnet50", "--out", str(tmp_path), cwd=runs)
+    assert proc.returncode == 2 and "--baseline 'resnet50' must name exactly one run" in proc.stderr
+    proc = _compare("runs/missing", cwd=runs)
+    assert proc.returncode == 2 and "runs/missing: no such file or folder" in proc.stderr

@@ -15,6 +15,7 @@ from datamodules.cityscapes import (
     CLASSES,
     ID_TO_TRAINID,
     IGNORE_INDEX,
+    LABEL_IDS_SUFFIX,
     PALETTE,
     CatMaxRatioCrop,
     CityscapesDataModule,
@@ -25,6 +26,7 @@ from datamodules.cityscapes import (
     rescale_size,
     train_transform,
 )
+from conftest import copy_root
 from datamodules.demo import cityscapes_demo
 from datamodules.split_loaders import distributed_eval_sampler
 from datamodules.image_folder import read_image
@@ -341,3 +343,16 @@ def test_missing_root_split_or_images(demo, tmp_path):
     (root / "leftImg8bit" / "val" / "valville").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"leftImg8bit/val holds no \*_leftImg8bit.png files"):
         _dm(root).setup("validate")
+
+
+def test_train_ids_converter_writes_what_the_loader_maps(demo, tmp_path):
+    from datamodules.cityscapes_train_ids import main as convert
+
+    root = copy_root(demo, tmp_path)
+    labels = sorted((root / "gtFine").rglob(f"*{LABEL_IDS_SUFFIX}"))
+    assert convert([str(root)]) == 0
+    for source in labels:
+        target = source.with_name(source.name.replace(LABEL_IDS_SUFFIX, "_gtFine_labelTrainIds.png"))
+        assert np.array_equal(read_label(target), read_label(source))
+    assert list_pairs(root, "val")[0][1].endswith("_gtFine_labelTrainIds.png")  # now preferred by the loader
+    assert convert([str(root), "--splits", "test"]) == 2  # no gtFine/test: named, not a crash

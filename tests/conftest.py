@@ -61,6 +61,20 @@ def demo_fit(task: str, tmp_path_factory) -> tuple[Path, Path, Path, subprocess.
     return cwd, demo_root, cwd / "runs" / f"{task}-demo" / "version_0", proc
 
 
+@pytest.fixture(scope="session")
+def demo_runs(tmp_path_factory):
+    """``demo_runs(task)``: the result of :func:`demo_fit` for ``task``, run once per session and
+    shared by the task's CLI tests and the README's journey."""
+    done: dict[str, tuple] = {}
+
+    def get(task: str) -> tuple[Path, Path, Path, subprocess.CompletedProcess]:
+        if task not in done:
+            done[task] = demo_fit(task, tmp_path_factory)
+        return done[task]
+
+    return get
+
+
 def assert_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc

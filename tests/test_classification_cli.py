@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from datamodules.demo import classification_demo
-from conftest import REPO, assert_failed as _failed, assert_ok as _ok, demo_fit, read_results as _results, run_task
+from conftest import REPO, assert_failed as _failed, assert_ok as _ok, read_results as _results, run_task
 
 QUICK = [
     "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
@@ -22,9 +22,9 @@ def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
+def demo_run(demo_runs):
     """``python -m tasks.classification fit`` with no arguments, on a fresh demo cache."""
-    return demo_fit("classification", tmp_path_factory)
+    return demo_runs("classification")
 
 
 def test_no_argument_fit_learns_converts_and_tests_the_deploy_model(demo_run):

@@ -12,7 +12,7 @@ import pytest
 from datamodules.demo_faces import DEMO_VERIFICATION_SETS
 from datamodules.recordio import write_face_recordio
 from datamodules.verification_pairs import read_bin
-from conftest import assert_failed as _failed, assert_ok as _ok, copy_root, demo_fit, read_results as _results, run_task
+from conftest import assert_failed as _failed, assert_ok as _ok, copy_root, read_results as _results, run_task
 
 SETS = DEMO_VERIFICATION_SETS
 QUICK = [
@@ -26,9 +26,9 @@ def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
+def demo_run(demo_runs):
     """``python -m tasks.face fit`` with no arguments, on a fresh demo cache."""
-    return demo_fit("face", tmp_path_factory)
+    return demo_runs("face")
 
 
 def test_no_argument_fit_learns_converts_and_tests_every_set(demo_run):

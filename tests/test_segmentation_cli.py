@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_failed, assert_ok, demo_fit, read_results, run_task
+from conftest import assert_failed, assert_ok, read_results, run_task
 from datamodules.demo import cityscapes_demo
 
 QUICK = [
@@ -26,9 +26,9 @@ def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
+def demo_run(demo_runs):
     """``python -m tasks.segmentation fit`` with no arguments, on a fresh demo cache."""
-    return demo_fit("segmentation", tmp_path_factory)
+    return demo_runs("segmentation")
 
 
 def test_no_argument_fit_learns_converts_and_tests_the_deploy_model(demo_run):

@@ -1,9 +1,11 @@
 """How a datamodule's splits become DataLoaders, with exact evaluation under DDP.
 
 :class:`SplitDataModule` serves ``self.datasets[split]`` for the four stages: training in the
-order and with the augmentation seeds of :class:`SeededSampler` (a resumed run sees the same
-batches), with ``drop_last`` (and an error when the batch is larger than the set), evaluation in order with
-:func:`distributed_eval_sampler`, so every image is on exactly one rank and none is repeated.
+order and with the augmentation seeds of :class:`SeededSampler`, with ``drop_last`` (and an error
+when the batch is larger than the set); evaluation in order with :func:`distributed_eval_sampler`,
+so every image is on exactly one rank and none is repeated. Its checkpoint state is the training
+position (epoch and batches done, read from the trainer's fit loop), so a resumed run, even one
+stopped mid-epoch, sees the batches the uninterrupted run would have seen.
 
 Lightning's val/test ``DistributedSampler`` pads the shorter ranks with repeated samples so that
 every rank runs the same number of batches; a dataset-level metric (top-1, mIoU) would count those

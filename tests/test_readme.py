@@ -198,3 +198,19 @@ def test_convert_and_official_commands(tmp_path):
     assert "max relative error" in _run(convert, tmp_path, tmp_path).stdout
     _run(official, tmp_path, tmp_path)
     assert (tmp_path / "deploy.safetensors").is_file() and (tmp_path / "ours.safetensors").is_file()
+
+
+def test_every_inline_command_names_a_module_run_here():
+    """Commands quoted in the prose (`python -m ...`) use modules that the commands above run."""
+    run_here = {c.split()[2] for c in readme_commands() if c.startswith("python -m ")} | {"bench.reparam"}
+    inline = set(re.findall(r"`python -m ([\w.]+)", README))
+    assert inline and inline <= run_here, inline - run_here
+
+
+def test_bench_command_runs_on_one_model():
+    """`python -m bench.reparam` (the performance table) on the smallest model, one repeat."""
+    assert "`python -m bench.reparam`" in README
+    proc = subprocess.run([sys.executable, "-m", "bench.reparam", "--models", "repmlp_res_tiny", "--repeats", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| `repmlp_res_tiny` |" in proc.stdout and "FC3 verdict" in proc.stdout

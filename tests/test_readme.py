@@ -152,20 +152,28 @@ def _commands(pattern: str) -> list[str]:
     return found
 
 
+def _demo_copy(demo_runs, task: str, tmp_path: Path) -> tuple[Path, Path]:
+    """A private copy of the demo run's folder (the CLI tests count the run versions in theirs)
+    and the shared demo data cache."""
+    cwd, demo_root, _, _ = demo_runs(task)
+    return shutil.copytree(cwd, tmp_path / "cwd"), demo_root
+
+
 @pytest.mark.parametrize("task", ["classification", "segmentation", "face"])
-def test_deploy_test_and_predict_commands_run_on_the_demo_run(task, demo_runs):
-    cwd, demo_root, run, _ = demo_runs(task)
+def test_deploy_test_and_predict_commands_run_on_the_demo_run(task, demo_runs, tmp_path):
+    cwd, demo_root = _demo_copy(demo_runs, task, tmp_path)
+    faces = {"/data/my_faces": str(next(demo_root.glob("faces-*")) / "demo_verify_hard")}
     for command in _commands(RUN_PATTERNS["deploy"].replace(r"\w+", task)):
-        _run(command, cwd, demo_root)
+        _run(command, cwd, demo_root, faces if "/data/my_faces" in command else None)
     if task == "segmentation":
         assert list((cwd / "runs" / f"{task}-demo").rglob("predictions/*_overlay.png"))
     if task == "face":
         assert list((cwd / "runs" / f"{task}-demo").rglob("embeddings.npy"))
 
 
-def test_baseline_demo_and_comparison(demo_runs):
+def test_baseline_demo_and_comparison(demo_runs, tmp_path):
     """The README's comparison on the demo: the RepMLP demo run against its trained baseline."""
-    cwd, demo_root, _, _ = demo_runs("classification")
+    cwd, demo_root = _demo_copy(demo_runs, "classification", tmp_path)
     [fit] = _commands(RUN_PATTERNS["baseline"])
     [compare] = _commands(RUN_PATTERNS["compare"])
     _run(fit, cwd, demo_root)

@@ -75,6 +75,33 @@ def demo_runs(tmp_path_factory):
     return get
 
 
+_PRINT_CONFIGS = """
+import contextlib, importlib, io, json, sys
+results = []
+for line in sys.stdin:
+    argv = json.loads(line)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            importlib.import_module(argv[0]).main(argv[1:] + ["--print_config"])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+    results.append({"code": code, "out": out.getvalue(), "err": err.getvalue()[-3000:]})
+print(json.dumps(results))
+"""
+
+
+def print_configs(argvs: list[list[str]], cwd: Path) -> list[dict]:
+    """``module.main(args + ["--print_config"])`` for each ``[module, subcommand, *args]``, all in one
+    Python process (one start-up instead of one each): ``[{"code", "out", "err"}]``."""
+    lines = "".join(json.dumps(a) + "\n" for a in argvs)
+    proc = subprocess.run([sys.executable, "-c", _PRINT_CONFIGS], input=lines, capture_output=True, text=True,
+                          timeout=600, cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO), "REPMLP_DEMO_ROOT": str(cwd)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def assert_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc

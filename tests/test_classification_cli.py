@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from datamodules.demo import classification_demo
-from conftest import REPO, assert_failed as _failed, assert_ok as _ok, read_results as _results, run_task
+from conftest import REPO, print_configs, assert_failed as _failed, assert_ok as _ok, read_results as _results, run_task
 
 QUICK = [
     "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
@@ -130,11 +130,13 @@ def test_seed_must_be_an_integer(tmp_path):
 
 
 def test_paper_configs_parse(tmp_path):
-    for name in ("resnet50", "repmlp_res50_g8_224", "repmlp_res50_light_224", "repmlp_res50_g4_8_320"):
-        config = REPO / "configs" / "classification" / f"{name}.yaml"
-        proc = _ok(_cli("fit", "-c", str(config), "--print_config", cwd=tmp_path, demo_root=tmp_path))
-        assert f"backbone: {name}" in proc.stdout and "max_epochs: 100" in proc.stdout
-        assert "lr: 0.1" in proc.stdout and "label_smoothing: 0.1" in proc.stdout
+    names = ("resnet50", "repmlp_res50_g8_224", "repmlp_res50_light_224", "repmlp_res50_g4_8_320")
+    argvs = [["tasks.classification", "fit", "-c", str(REPO / "configs" / "classification" / f"{n}.yaml")] for n in names]
+    for name, result in zip(names, print_configs(argvs, tmp_path)):
+        out = result["out"]
+        assert result["code"] == 0, result["err"]
+        assert f"backbone: {name}" in out and "max_epochs: 100" in out
+        assert "lr: 0.1" in out and "label_smoothing: 0.1" in out
 
 
 class _Payload:

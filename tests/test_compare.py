@@ -12,6 +12,7 @@ import pytest
 
 from conftest import REPO, assert_ok, run_task
 from datamodules.demo import classification_demo
+from tasks.compare import main as compare_main
 
 MODELS = ["resnet_tiny", "repmlp_res_tiny", "repmlp_res_light_tiny"]
 
@@ -58,19 +59,23 @@ def test_three_runs_give_the_table_the_csv_and_the_plot(runs):
     assert image is not None and image.shape[1] > image.shape[0] > 300 and (image < 128).any()
 
 
-def test_mixed_tasks_are_refused(runs, tmp_path):
+def test_mixed_tasks_are_refused(runs, tmp_path, monkeypatch, capsys):
     other = json.loads((runs / "runs" / "resnet_tiny" / "version_0" / "results.json").read_text())
     other["task"] = "segmentation"
     (tmp_path / "results.json").write_text(json.dumps(other))
-    proc = _compare("runs/resnet_tiny", str(tmp_path / "results.json"), "--out", str(tmp_path / "cmp"), cwd=runs)
-    assert proc.returncode == 2 and "runs of different tasks cannot be compared" in proc.stderr
-    assert "classification: runs/resnet_tiny" in proc.stderr and not (tmp_path / "cmp").exists()
+    monkeypatch.chdir(runs)
+    assert compare_main(["runs/resnet_tiny", str(tmp_path / "results.json"), "--out", str(tmp_path / "cmp")]) == 2
+    err = capsys.readouterr().err
+    assert "runs of different tasks cannot be compared" in err and "classification: runs/resnet_tiny" in err
+    assert not (tmp_path / "cmp").exists()
 
 
-def test_unclear_arguments_are_named(runs, tmp_path):
-    proc = _compare("runs", "--out", str(tmp_path), cwd=runs)  # three runs below: which one?
-    assert proc.returncode == 2 and "runs holds 3 runs; name one of them" in proc.stderr
-    proc = _compare("runs/resnet_tiny", "runs/repmlp_res_tiny", "--baseline", "resnet50", "--out", str(tmp_path), cwd=runs)
-    assert proc.returncode == 2 and "--baseline 'resnet50' must name exactly one run" in proc.stderr
-    proc = _compare("runs/missing", cwd=runs)
-    assert proc.returncode == 2 and "runs/missing: no such file or folder" in proc.stderr
+def test_unclear_arguments_are_named(runs, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(runs)
+    for argv, message in (
+        (["runs"], "runs holds 3 runs; name one of them"),  # three runs below: which one?
+        (["runs/resnet_tiny", "runs/repmlp_res_tiny", "--baseline", "resnet50"], "--baseline 'resnet50' must name exactly one run"),
+        (["runs/missing"], "runs/missing: no such file or folder"),
+    ):
+        assert compare_main([*argv, "--out", str(tmp_path)]) == 2
+        assert message in capsys.readouterr().err

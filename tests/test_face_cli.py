@@ -12,7 +12,7 @@ import pytest
 from datamodules.demo_faces import DEMO_VERIFICATION_SETS
 from datamodules.recordio import write_face_recordio
 from datamodules.verification_pairs import read_bin
-from conftest import assert_failed as _failed, assert_ok as _ok, copy_root, read_results as _results, run_task
+from conftest import REPO, print_configs, assert_failed as _failed, assert_ok as _ok, copy_root, read_results as _results, run_task
 
 SETS = DEMO_VERIFICATION_SETS
 QUICK = [
@@ -129,13 +129,14 @@ def test_paper_configs_parse(tmp_path):
         "faceresnet": ("loss: amsoftmax", "schedule: step", "max_steps: 420000"),
         "mobilefacenet": ("loss: arcface", "schedule: poly", "max_epochs: 40", "clip_grad_norm: 5.0"),
     }
-    for name, needles in expected.items():
-        config = Path(__file__).resolve().parents[1] / "configs" / "face" / f"{name}.yaml"
-        proc = _ok(_cli("fit", "-c", str(config), "--print_config", cwd=tmp_path, demo_root=tmp_path))
-        assert f"backbone: {name}" in proc.stdout and "lr: 0.1" in proc.stdout, proc.stdout
-        assert f"img_size: {96 if 'faceres' in name else 112}" in proc.stdout
-        assert "- lfw" in proc.stdout and "- agedb_30" in proc.stdout
+    argvs = [["tasks.face", "fit", "-c", str(REPO / "configs" / "face" / f"{name}.yaml")] for name in expected]
+    for (name, needles), result in zip(expected.items(), print_configs(argvs, tmp_path)):
+        out = result["out"]
+        assert result["code"] == 0, result["err"]
+        assert f"backbone: {name}" in out and "lr: 0.1" in out, out
+        assert f"img_size: {96 if 'faceres' in name else 112}" in out
+        assert "- lfw" in out and "- agedb_30" in out
         for needle in needles:
-            assert needle in proc.stdout, (name, needle)
+            assert needle in out, (name, needle)
 
 

@@ -14,7 +14,6 @@ A command that fits none of these fails ``test_every_command_is_covered``.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -26,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, assert_ok
+from conftest import REPO, assert_ok, print_configs
 
 README = (REPO / "README.md").read_text()
 CI = {"pip install torch==2.13.0", 'pip install -e ".[dev]"', "python -m pytest -q"}
@@ -94,32 +93,12 @@ def _task_argv(command: str) -> list[str]:
     return words[start:]
 
 
-_PARSER = """
-import contextlib, importlib, io, json, sys
-failures = {}
-for line in sys.stdin:
-    argv = json.loads(line)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            importlib.import_module(argv[0]).main(argv[1:] + ["--print_config"])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-    if code != 0 or "model:" not in out.getvalue():
-        failures[" ".join(argv)] = err.getvalue()[-2000:]
-print(json.dumps(failures))
-"""
-
-
 def test_cluster_and_real_data_commands_parse():
     commands = [c for c in readme_commands() if _plan(c) == "parse"]
     assert any(c.startswith("torchrun ") for c in commands) and any(c.startswith("srun ") for c in commands)
-    lines = "".join(json.dumps(_task_argv(c)) + "\n" for c in commands)
-    proc = subprocess.run([sys.executable, "-c", _PARSER], input=lines, capture_output=True, text=True, timeout=600,
-                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {}
+    results = print_configs([_task_argv(c) for c in commands], cwd=REPO)
+    failures = {c: r["err"] for c, r in zip(commands, results) if r["code"] != 0 or "model:" not in r["out"]}
+    assert failures == {}
 
 
 def test_launcher_flags_exist_and_agree():
@@ -162,9 +141,9 @@ def _demo_copy(demo_runs, task: str, tmp_path: Path) -> tuple[Path, Path]:
 @pytest.mark.parametrize("task", ["classification", "segmentation", "face"])
 def test_deploy_test_and_predict_commands_run_on_the_demo_run(task, demo_runs, tmp_path):
     cwd, demo_root = _demo_copy(demo_runs, task, tmp_path)
-    faces = {"/data/my_faces": str(next(demo_root.glob("faces-*")) / "demo_verify_hard")}
     for command in _commands(RUN_PATTERNS["deploy"].replace(r"\w+", task)):
-        _run(command, cwd, demo_root, faces if "/data/my_faces" in command else None)
+        faces = {"/data/my_faces": str(next(demo_root.glob("faces-*")) / "demo_verify_hard")} if task == "face" else None
+        _run(command, cwd, demo_root, faces)
     if task == "segmentation":
         assert list((cwd / "runs" / f"{task}-demo").rglob("predictions/*_overlay.png"))
     if task == "face":

@@ -117,7 +117,7 @@ def measure(run: Run, batch_size: int, iters: int, device: str = "cpu") -> dict[
     ``params_train``, ``params_deploy``, ``gflops`` of the deploy model at the run's input size,
     and ``throughput``: deploy images/s on ``device``, the median of ``iters`` timed batches."""
     cls = _task_class(run.task)
-    hparams = {k: v for k, v in run.results["hparams"].items() if not k.startswith("_")}
+    hparams = run.results["hparams"]  # ReparamTask.results already leaves out LightningCLI's private keys
     size = tuple(run.results["input_size"])
     params_train = count_params(cls(**{**hparams, "deploy": False}))
     task = cls(**{**hparams, "deploy": True}).eval()

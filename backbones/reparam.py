@@ -26,6 +26,10 @@ __all__ = [
     "fuse_bn_before_linear",
     "pad_kernel",
     "add_branches",
+    "identity_kernel",
+    "avg_kernel",
+    "merge_1x1_kxk",
+    "merge_depthwise_pointwise",
     "conv_to_fc",
     "conv_bias_to_fc",
     "reparameterize_model",
@@ -139,6 +143,66 @@ def add_branches(*branches: tuple[Tensor, Optional[Tensor]]) -> tuple[Tensor, Te
     zero = branches[0][0].new_zeros(out_channels)
     bias = sum((b if b is not None else zero) for _, b in branches)
     return kernel, bias
+
+
+def identity_kernel(channels: int, in_per_group: int, kernel_size: int = 1, like: Optional[Tensor] = None) -> Tensor:
+    """The ``(C, C/g, k, k)`` kernel of a grouped conv that returns its input: 1 at the centre of
+    ``[i, i mod (C/g)]``. Turns an identity (or BN-only) branch into a conv branch; needs in == out."""
+    if kernel_size % 2 == 0:
+        raise ValueError(f"identity_kernel: kernel size {kernel_size} is even; only odd sizes have a centre")
+    opts = {} if like is None else {"dtype": like.dtype, "device": like.device}
+    kernel = torch.zeros(channels, in_per_group, kernel_size, kernel_size, **opts)
+    rows = torch.arange(channels, device=kernel.device)
+    kernel[rows, rows % in_per_group, kernel_size // 2, kernel_size // 2] = 1.0
+    return kernel
+
+
+def avg_kernel(channels: int, in_per_group: int, kernel_size: int, like: Optional[Tensor] = None) -> Tensor:
+    """The ``(C, C/g, k, k)`` kernel of a ``k x k`` average pool as a grouped conv: ``1/k^2`` on
+    ``[i, i mod (C/g)]``. Equal to ``AvgPool2d`` with ``count_include_pad=True`` (its default)."""
+    eye = identity_kernel(channels, in_per_group, 1, like)
+    return eye.expand(-1, -1, kernel_size, kernel_size) / (kernel_size * kernel_size)
+
+
+def merge_1x1_kxk(
+    k1: Tensor, b1: Optional[Tensor], k2: Tensor, b2: Optional[Tensor], groups: int = 1
+) -> tuple[Tensor, Tensor]:
+    """One conv equal to a grouped 1x1 conv ``(k1, b1)`` followed by a grouped KxK conv ``(k2, b2)``.
+
+    ``k1``: ``(D, C/g, 1, 1)``, ``k2``: ``(O, D/g, kh, kw)``, both with ``groups`` groups. Returns
+    ``(O, C/g, kh, kw)`` and ``(O,)``. Exact only if the KxK conv's padded border equals what the
+    1x1 conv gives on padding (``b1`` for zero padding: DBB's BN-and-pad layer).
+    """
+    d, o = k1.shape[0], k2.shape[0]
+    if k1.shape[-2:] != (1, 1) or d % groups or o % groups or k2.shape[1] * groups != d:
+        raise ValueError(f"merge_1x1_kxk: kernels {tuple(k1.shape)} and {tuple(k2.shape)} "
+                         f"do not chain with groups={groups}")
+    k1g = k1.reshape(groups, d // groups, k1.shape[1])                   # (g, D/g, C/g)
+    k2g = k2.reshape(groups, o // groups, d // groups, *k2.shape[-2:])   # (g, O/g, D/g, kh, kw)
+    kernel = torch.einsum("gdc,godhw->gochw", k1g, k2g).reshape(o, k1.shape[1], *k2.shape[-2:])
+    bias = k2.new_zeros(o) if b2 is None else b2
+    if b1 is not None:
+        bias = bias + torch.einsum("godhw,gd->go", k2g, b1.reshape(groups, d // groups)).reshape(o)
+    return kernel, bias
+
+
+def merge_depthwise_pointwise(dw: Tensor, pw: Tensor, in_channels: int, groups: int = 1) -> Tensor:
+    """One grouped KxK kernel equal to a depthwise KxK conv followed by a grouped 1x1 conv (no biases).
+
+    ``dw``: ``(C*t, 1, kh, kw)``, a conv with ``C = in_channels`` groups (``t`` filters per input
+    channel, rows ``c*t + j``); ``pw``: ``(O, C*t/g, 1, 1)`` with ``groups`` groups.
+    Returns ``(O, C/g, kh, kw)``.
+    """
+    o = pw.shape[0]
+    ct = dw.shape[0]
+    if (ct % in_channels or in_channels % groups or o % groups or dw.shape[1] != 1
+            or pw.shape[1] * groups != ct or pw.shape[-2:] != (1, 1)):
+        raise ValueError(f"merge_depthwise_pointwise: kernels {tuple(dw.shape)} and {tuple(pw.shape)} "
+                         f"do not chain with in_channels={in_channels}, groups={groups}")
+    t, cg = ct // in_channels, in_channels // groups
+    pwg = pw.reshape(groups, o // groups, cg, t)
+    dwg = dw.reshape(groups, cg, t, *dw.shape[-2:])
+    return torch.einsum("gocj,gcjhw->gochw", pwg, dwg).reshape(o, cg, *dw.shape[-2:])
 
 
 def conv_to_fc(kernel: Tensor, h: int, w: int, groups: int = 1) -> Tensor:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .classifier import PooledClassifier
+from .conv_types import ConvType, make_conv
 from .convbn import ConvBN
-from .registry import register_model, to_pair
+from .dbb import BNAndPad
+from .registry import register_model
 from .repmlp import RepMLP
 from .repmlp_blocks import RepMLPBottleneck, RepMLPLight
 from .reparam_block import ReparamBlock
@@ -25,8 +27,14 @@ Size = tuple[int, int]
 
 
 
+def _shortcut(in_channels: int, out_channels: int, stride: int, deploy: bool) -> nn.Module:
+    if stride != 1 or in_channels != out_channels:
+        return ConvBN(in_channels, out_channels, 1, stride, deploy=deploy)
+    return nn.Identity()
+
+
 class Bottleneck(ReparamBlock):
-    """1x1 → 3x3 (stride, dilation) → 1x1, plus shortcut, then ReLU.
+    """1x1 → 3x3 (stride, dilation; a ``conv_type`` conv) → 1x1, plus shortcut, then ReLU.
 
     ``(N, in_channels, H, W)`` → ``(N, out_channels, ceil(H/stride), ceil(W/stride))``.
     """
@@ -39,23 +47,47 @@ class Bottleneck(ReparamBlock):
         stride: int = 1,
         dilation: int = 1,
         deploy: bool = False,
+        conv_type: ConvType = "conv",
     ) -> None:
         super().__init__()
         self.deploy = deploy
         self.conv1 = ConvBN(in_channels, mid_channels, 1, act=True, deploy=deploy)
-        self.conv2 = ConvBN(mid_channels, mid_channels, 3, stride, dilation=dilation, act=True, deploy=deploy)
+        self.conv2 = make_conv(conv_type, mid_channels, mid_channels, 3, stride, dilation, act=True, deploy=deploy)
         self.conv3 = ConvBN(mid_channels, out_channels, 1, deploy=deploy)
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut: nn.Module = ConvBN(in_channels, out_channels, 1, stride, deploy=deploy)
-        else:
-            self.shortcut = nn.Identity()
+        self.shortcut = _shortcut(in_channels, out_channels, stride, deploy)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.relu(self.conv3(self.conv2(self.conv1(x))) + self.shortcut(x))
 
 
-class ResNet(ReparamBlock):
+class BasicBlock(ReparamBlock):
+    """3x3 (stride) → 3x3, both ``conv_type`` convs, plus shortcut, then ReLU (ResNet-18/34).
+
+    ``(N, in_channels, H, W)`` → ``(N, out_channels, ceil(H/stride), ceil(W/stride))``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        dilation: int = 1,
+        deploy: bool = False,
+        conv_type: ConvType = "conv",
+    ) -> None:
+        super().__init__()
+        self.deploy = deploy
+        self.conv1 = make_conv(conv_type, in_channels, out_channels, 3, stride, dilation, act=True, deploy=deploy)
+        self.conv2 = make_conv(conv_type, out_channels, out_channels, 3, 1, dilation, deploy=deploy)
+        self.shortcut = _shortcut(in_channels, out_channels, stride, deploy)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.conv2(self.conv1(x)) + self.shortcut(x))
+
+
+class ResNet(PooledClassifier):
     """ResNet / RepMLP-ResNet: ``(N, in_chans, H, W)`` → logits ``(N, num_classes)``.
 
     Per-stage tuples have one entry for each of c2, c3, c4, c5.
@@ -63,6 +95,8 @@ class ResNet(ReparamBlock):
     Args:
         layers: blocks per stage.
         widths: output channels per stage.
+        block: ``"bottleneck"`` (ResNet-50) or ``"basic"`` (two 3x3 convs, ResNet-18).
+        conv_type: the 3x3 convs: ``"conv"`` (ConvBN), ``"acb"``, ``"dbb"`` or ``"orepa"``.
         bottleneck_ratio: the 3x3 width of a bottleneck is ``widths[i] // bottleneck_ratio``
             (4 in ResNet; 1 in FaceResNet, which has no 1x1 reduction).
         stem_width: channels after the stem.
@@ -79,7 +113,8 @@ class ResNet(ReparamBlock):
         bottleneck_r: channel reduction around the RepMLP block per stage (bottleneck only).
         fc1_reduction: Global Perceptron hidden-width reduction per stage.
         pad_input: let RepMLP blocks pad feature maps that are not multiples of the partition.
-        zero_init_last: zero the last BN of each residual block (a common recipe tweak).
+        zero_init_last: zero the last BN(s) of each residual block (a common recipe tweak); for
+            a re-parameterized last conv, the output BN of each of its branches.
         deploy: build the converted structure.
     """
 
@@ -87,6 +122,8 @@ class ResNet(ReparamBlock):
         self,
         layers: tuple[int, int, int, int] = (3, 4, 6, 3),
         widths: tuple[int, int, int, int] = (256, 512, 1024, 2048),
+        block: Literal["bottleneck", "basic"] = "bottleneck",
+        conv_type: ConvType = "conv",
         bottleneck_ratio: int = 4,
         stem_width: int = 64,
         deep_stem: bool = False,
@@ -106,7 +143,6 @@ class ResNet(ReparamBlock):
         zero_init_last: bool = False,
         deploy: bool = False,
     ) -> None:
-        super().__init__()
         for name, value in (("layers", layers), ("widths", widths), ("strides", strides),
                             ("dilations", dilations), ("groups", groups), ("bottleneck_r", bottleneck_r),
                             ("fc1_reduction", fc1_reduction)):
@@ -119,11 +155,12 @@ class ResNet(ReparamBlock):
             raise ValueError(f"ResNet: repmlp_block must be 'bottleneck' or 'light', got {repmlp_block!r}")
         if bottleneck_ratio < 1 or any(w % bottleneck_ratio for w in widths):
             raise ValueError(f"ResNet: bottleneck_ratio={bottleneck_ratio} must divide every width {tuple(widths)}")
-        self.deploy = deploy
-        self.img_size = to_pair(img_size)
-        self.num_classes = num_classes
+        if block not in ("bottleneck", "basic"):
+            raise ValueError(f"ResNet: block must be 'bottleneck' or 'basic', got {block!r}")
+        if block == "basic" and repmlp_stages:
+            raise ValueError("ResNet: RepMLP stages are built from bottlenecks; use block='bottleneck'")
+        super().__init__(widths[-1], num_classes, img_size, deploy)
         self.widths = tuple(widths)
-        self.num_features = widths[-1]
 
         if deep_stem:
             half = stem_width // 2
@@ -147,9 +184,14 @@ class ResNet(ReparamBlock):
             blocks: list[nn.Module] = []
             mid = widths[i] // bottleneck_ratio
             for j in range(layers[i]):
-                if j == 0:
+                if block == "basic":
+                    first = j == 0
+                    blocks.append(BasicBlock(in_channels, widths[i], strides[i] if first else 1,
+                                             max(dilation // 2, 1) if first else dilation, deploy, conv_type))
+                elif j == 0:
                     first_dilation = max(dilation // 2, 1) if dilation > 1 else 1
-                    blocks.append(Bottleneck(in_channels, mid, widths[i], strides[i], first_dilation, deploy))
+                    blocks.append(Bottleneck(in_channels, mid, widths[i], strides[i], first_dilation, deploy,
+                                             conv_type))
                 elif stage_no in repmlp_stages and repmlp_block == "bottleneck":
                     blocks.append(RepMLPBottleneck(
                         in_channels, mid, widths[i], size, partition, bottleneck_r[i], kernels,
@@ -159,12 +201,12 @@ class ResNet(ReparamBlock):
                         in_channels, widths[i] // 8, widths[i], size, partition, kernels, groups[i],
                         fc1_reduction[i], pad_input, deploy=deploy))
                 else:
-                    blocks.append(Bottleneck(in_channels, mid, widths[i], 1, dilation, deploy))
+                    blocks.append(Bottleneck(in_channels, mid, widths[i], 1, dilation, deploy, conv_type))
                 in_channels = widths[i]
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
 
         self.has_repmlp = any(isinstance(m, RepMLP) for m in self.modules())
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.add_classifier()
         self._init_weights(zero_init_last)
 
     def _init_weights(self, zero_init_last: bool) -> None:
@@ -173,9 +215,12 @@ class ResNet(ReparamBlock):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         if zero_init_last and not self.deploy:
             for m in self.modules():
-                last = {Bottleneck: "conv3", RepMLPBottleneck: "conv5", RepMLPLight: "conv3"}.get(type(m))
-                if last is not None:
-                    nn.init.zeros_(getattr(m, last).bn.weight)
+                last = {Bottleneck: "conv3", BasicBlock: "conv2", RepMLPBottleneck: "conv5",
+                        RepMLPLight: "conv3"}.get(type(m))
+                if last is not None:  # a branch's output BN, not DBB's BN-and-pad inside a branch
+                    for bn in getattr(m, last).modules():
+                        if isinstance(bn, nn.BatchNorm2d) and not isinstance(bn, BNAndPad):
+                            nn.init.zeros_(bn.weight)
 
     @property
     def stages(self) -> list[nn.Sequential]:
@@ -200,12 +245,6 @@ class ResNet(ReparamBlock):
         """The c5 map ``(N, widths[-1], H/32, W/32)`` (or /8 with dilation)."""
         return self.forward_stages(x)[-1]
 
-    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
-        pooled = F.adaptive_avg_pool2d(features, 1).flatten(1)
-        return pooled if pre_logits else self.fc(pooled)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # ------------------------------------------------------------------------------- factories
@@ -219,7 +258,7 @@ _TINY = dict(layers=(1, 2, 2, 1), widths=(32, 64, 128, 256), stem_width=16, img_
 
 @register_model
 def resnet50(**kwargs: Any) -> ResNet:
-    """ResNet-50 baseline (torchvision layout, 25.6M params)."""
+    """ResNet-50 baseline (torchvision layout, 25.6M params); ``conv_type`` as for ResNet-18."""
     return _resnet(_R50, kwargs)
 
 
@@ -264,6 +303,22 @@ def repmlp_res50_g8_8_320(**kwargs: Any) -> ResNet:
 def repmlp_res50_g4_8_320(**kwargs: Any) -> ResNet:
     """RepMLP-Res50 at 320, "g4/8" (the PSPNet backbone of the paper)."""
     return _res50_320(4, 8, kwargs)
+
+
+_R18 = dict(layers=(2, 2, 2, 2), widths=(64, 128, 256, 512), block="basic")
+
+
+@register_model
+def resnet18(**kwargs: Any) -> ResNet:
+    """ResNet-18 (11.7M params); ``conv_type`` makes its 3x3 convs ACB/DBB/OREPA blocks."""
+    return _resnet(_R18, kwargs)
+
+
+@register_model
+def resnet18_tiny(**kwargs: Any) -> ResNet:
+    """A 64x64-input ResNet-18 layout for tests (one basic block per stage, widths 16..128)."""
+    return _resnet({**_R18, "layers": (1, 1, 1, 1), "widths": (16, 32, 64, 128), "stem_width": 16,
+                    "img_size": 64, "num_classes": 10}, kwargs)
 
 
 @register_model

@@ -1,7 +1,7 @@
 """Re-parameterization benchmark: convert every registered model, check it, and time both forms.
 
 Run ``python -m bench.reparam [--models GLOB ...] [--batch 8] [--repeats N] [--threads T]
-[--markdown FILE]``. It prints markdown with three sections:
+[--markdown FILE] [--sections ...]``. It prints markdown with four sections:
 
 1. one row per registered model (``backbones.list_models()`` filtered by ``--models``): parameters
    of the train-time and deploy forms, multiply-adds of the deploy form at the model's native
@@ -10,12 +10,14 @@ Run ``python -m bench.reparam [--models GLOB ...] [--batch 8] [--repeats N] [--t
    the CPU forward latency of the train-time form (eval mode) vs the deploy form;
 2. ResNet-50 vs the deploy RepMLP-Res50 models (224) in images/s;
 3. the deploy RepMLP block alone, one row per block shape of the selected models, with every
-   exact FC3 formulation we know of timed side by side (each is checked against the block first).
+   exact FC3 formulation we know of timed side by side (each is checked against the block first);
+4. training cost of ``--train-model`` (ResNet-18) built with each 3x3 ``conv_type`` (ConvBN, ACB,
+   DBB, OREPA): time per training step and the activation memory autograd keeps, vs DBB.
 
 Timing method: the machine is shared, so no figure is meant to be read on its own. Every
 comparison is measured in one process, with the variants interleaved (A, B, A, B, ...; the order
 of each round alternates, A B then B A, so neither variant always runs first), after warm-up
-runs, under ``torch.inference_mode``; each time is the median over the rounds, and the figures to
+runs, under ``torch.inference_mode`` (section 4: with autograd); each time is the median over the rounds, and the figures to
 quote are the ratios. The "IQR" after a ratio is the 25th-75th percentile of the per-round ratios
 and shows how noisy the run was. ``--repeats`` fixes the number of rounds; by default it is
 chosen from a time budget per comparison (fewer rounds for the big 320 models).
@@ -23,6 +25,7 @@ chosen from a time budget per comparison (fewer rounds for the big 320 models).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import math
 import os
@@ -50,12 +53,14 @@ TARGET_BATCH = 8
 THROUGHPUT_MODELS = ("resnet50", "repmlp_res50_g8_224", "repmlp_res50_light_224")
 VERIFY_RTOL = 1e-5  # every FC3 formulation must match the block to this relative error
 NEAR_FASTEST = 0.03  # "within noise" band for the per-shape FC3 verdict
-SECTIONS = ("models", "throughput", "fc3")
+SECTIONS = ("models", "throughput", "fc3", "train")
+TRAIN_CONV_TYPES = ("conv", "acb", "dbb", "orepa")  # section 4, on --train-model
 
 # Time budgets (seconds of timed rounds) when --repeats is not given, and the round limits.
 MODEL_BUDGET_S, MODEL_REPS = 20.0, (3, 25)
 THROUGHPUT_BUDGET_S, THROUGHPUT_REPS = 40.0, (5, 25)
 BLOCK_BUDGET_S, BLOCK_REPS = 4.0, (10, 200)
+TRAIN_BUDGET_S, TRAIN_REPS = 30.0, (3, 20)
 
 
 # ============================================================================ output
@@ -125,14 +130,16 @@ def interleaved(
     reps_range: tuple[int, int],
     warmup: int = 2,
     after_call: Optional[Callable[[str], None]] = None,
+    grad: bool = False,
 ) -> Timings:
     """Time ``fns`` side by side: warm-up rounds, then rounds of one call each, order alternating.
 
     Without ``repeats`` the number of rounds is ``budget_s`` divided by the duration of a warm-up
     round, clamped to ``reps_range``. ``after_call(name)`` runs (untimed) after each timed call.
+    The calls run under ``torch.inference_mode`` unless ``grad`` (training steps).
     """
     names = list(fns)
-    with torch.inference_mode():
+    with contextlib.nullcontext() if grad else torch.inference_mode():
         round_s = math.inf  # the quickest warm-up round (a load burst should not cut the rounds)
         for _ in range(warmup):
             start = time.perf_counter()
@@ -589,6 +596,66 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# ============================================================================ section 4
+def saved_activation_bytes(model: nn.Module, x: Tensor) -> int:
+    """Bytes of the tensors autograd keeps for backward in one forward pass (storages counted once,
+    parameters excluded): the part of training memory the branches of a block multiply."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[int] = set()
+    total = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal total
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum().backward()
+    model.zero_grad(set_to_none=True)
+    return total
+
+
+def section_train(args: argparse.Namespace, out: Report) -> None:
+    size, batch, name = args.train_size, args.train_batch, args.train_model
+    out(f"## 4. Training cost of the 3x3 conv types: `{name}`, batch {batch}, {size}x{size}")
+    out()
+    progress(f"train: build {name} with conv_type " + ", ".join(TRAIN_CONV_TYPES))
+    models, steps, memory = {}, {}, {}
+    x = torch.randn(batch, 3, size, size)
+    for i, conv_type in enumerate(TRAIN_CONV_TYPES):
+        torch.manual_seed(200 + i)
+        model = backbones.create(name, conv_type=conv_type).train()
+        labels = torch.randint(0, model.num_classes, (batch,))
+        memory[conv_type] = saved_activation_bytes(model, x)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+        def step(model=model, opt=opt, labels=labels) -> None:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), labels).backward()
+            opt.step()
+
+        models[conv_type], steps[conv_type] = model, step
+    progress("train: timing")
+    timings = interleaved(steps, args.repeats, TRAIN_BUDGET_S, TRAIN_REPS, warmup=1, grad=True)
+    rows = []
+    for conv_type in TRAIN_CONV_TYPES:
+        rows.append([f"`{conv_type}`", f"{mparams(models[conv_type]):.2f}", f"{timings.median_ms(conv_type):.0f}",
+                     timings.ratio_text(conv_type, "dbb") if conv_type != "dbb" else "1.00",
+                     f"{memory[conv_type] / 2 ** 20:.0f}", f"{memory[conv_type] / memory['dbb']:.2f}"])
+    out.table(["conv_type", "train params (M)", "ms / training step", "time vs DBB (per-round IQR)",
+               "activations saved (MiB)", "memory vs DBB"], rows)
+    out()
+    out(f"A step is forward, cross-entropy, backward and an SGD update, interleaved, {timings.rounds} rounds "
+        f"(noise +{100 * timings.spread():.0f}%); < 1 means cheaper than DBB. Memory is what autograd saves for "
+        "backward in one step, parameters excluded (it scales with the batch; on a GPU it is most of the peak). "
+        f"OREPA / DBB: time {timings.ratio('orepa', 'dbb'):.2f}, memory {memory['orepa'] / memory['dbb']:.2f} "
+        "(the OREPA paper, ResNet-18 on GPUs: 0.50 and 0.69).")
+    out()
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.reparam", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["*"], metavar="GLOB",
@@ -602,6 +669,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="run the whole models (sections 1 and 2) and their inputs in channels_last")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                         help="which sections to run (default: all)")
+    parser.add_argument("--train-model", default="resnet18",
+                        help="section 4: the model built with each conv_type (default: resnet18)")
+    parser.add_argument("--train-size", type=int, default=224, help="section 4: input size (default: 224)")
+    parser.add_argument("--train-batch", type=int, default=32,
+                        help="section 4: batch size (default: 32, the OREPA paper's batch per GPU)")
     args = parser.parse_args(argv)
     if args.batch < 1 or (args.repeats is not None and args.repeats < 1) or (args.threads is not None and args.threads < 1):
         parser.error("--batch, --repeats and --threads must be positive")
@@ -649,6 +721,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             out("## 3. FC3 formulations: skipped (no selected model has RepMLP blocks)")
             out()
+
+    if "train" in args.sections:
+        section_train(args, out)
 
     out(f"Total run time {time.perf_counter() - started:.0f} s; load average at end: "
         f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}.")

@@ -39,6 +39,16 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def perturb_params(model: nn.Module, seed: int = 0, scale: float = 0.2) -> nn.Module:
+    """Move every parameter off its initialization, so zero-initialized branches (DBB's and OREPA's
+    identity-based 1x1, OREPA's prior scale) take part in the equivalence checks too."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen).to(p.dtype))
+    return model
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

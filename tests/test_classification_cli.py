@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from datamodules.demo import classification_demo
 from conftest import REPO, print_configs, assert_failed as _failed, assert_ok as _ok, read_results as _results, run_task
@@ -49,6 +50,29 @@ def test_deploy_and_train_checkpoints_give_the_same_accuracy(demo_run):
     for key in ("test/top1", "test/top5"):
         assert deploy["metrics"][key] == train["metrics"][key] == _results(run)["metrics"][key]
     assert deploy["params"] < train["params"]
+
+
+def test_repvgg_tiny_fit_converts_to_a_plain_vgg_and_tests_it(demo_run, tmp_path):
+    """The re-parameterization family through the same CLI and callback: RepVGG on the demo data."""
+    _, demo_root, _, _ = demo_run
+    proc = _ok(_cli("fit", "--model.backbone", "repvgg_a0_tiny", "--model.backbone_kwargs", "{}",
+                    "--trainer.max_epochs", "4", "--trainer.enable_progress_bar", "false",
+                    cwd=tmp_path, demo_root=demo_root))
+    assert "ReparamCallback: deploy model written" in proc.stdout + proc.stderr
+    (run,) = (tmp_path / "runs" / "classification-demo").iterdir()
+    results = _results(run)
+    assert results["deploy"] is True and results["backbone"] == "repvgg_a0_tiny"
+    assert results["reparam"]["relative_error"] <= 1e-4
+    assert results["metrics"]["test/top1"] > 0.3  # chance is 0.1; 4 of the demo's 30 epochs
+    state = torch.load(run / "deploy.ckpt", weights_only=True)["state_dict"]
+    assert not any("bn" in k or "running_" in k for k in state)
+    convs = {k.rsplit(".", 2)[-2] for k in state if k.endswith(".weight") and state[k].dim() == 4}
+    assert convs == {"reparam_conv"}  # a plain VGG: one 3x3 conv per block, nothing else
+    _ok(_cli("test", "--ckpt_path", str(run / "deploy.ckpt"), "--model.backbone", "repvgg_a0_tiny",
+             "--model.backbone_kwargs", "{}", cwd=tmp_path, demo_root=demo_root))
+    retest = _results(run.parent / "version_1")
+    assert retest["deploy"] is True
+    assert retest["metrics"]["test/top1"] == results["metrics"]["test/top1"]
 
 
 def test_predict_writes_top5_csv(demo_run, tmp_path):
@@ -137,6 +161,23 @@ def test_paper_configs_parse(tmp_path):
         assert result["code"] == 0, result["err"]
         assert f"backbone: {name}" in out and "max_epochs: 100" in out
         assert "lr: 0.1" in out and "label_smoothing: 0.1" in out
+
+
+def test_family_configs_parse_with_their_header_commands(tmp_path):
+    """Each re-parameterization family config, run as its header says (epochs on the command line)."""
+    names = ("repvgg_a0", "mobileone_s0", "replknet_31b", "resnet18_orepa")
+    commands = []
+    for name in names:
+        text = (REPO / "configs" / "classification" / f"{name}.yaml").read_text()
+        (line,) = [ln for ln in text.splitlines() if ln.startswith("#   python -m tasks.classification fit")]
+        commands.append(line.split("python -m ", 1)[1].replace("/path/to/imagenet", "data").split())
+    for name, argv, result in zip(names, commands, print_configs(commands, REPO)):
+        assert result["code"] == 0, result["err"]
+        out = result["out"]
+        backbone = "resnet18" if name == "resnet18_orepa" else name
+        assert f"backbone: {backbone}" in out and "devices: 8" in out and "sync_batchnorm: true" in out
+        assert f"max_epochs: {argv[argv.index('--trainer.max_epochs') + 1]}" in out
+    assert "conv_type: orepa" in result["out"]
 
 
 class _Payload:

@@ -9,7 +9,7 @@ from torch import nn
 
 import backbones
 from backbones import ReparamBlock, RepMLP, create, list_models, model_relative_error, reparameterize_model
-from conftest import randomize_bn
+from conftest import perturb_params, randomize_bn
 
 ALL = list_models()
 TINY = list_models("*tiny*")
@@ -70,14 +70,23 @@ def test_repeated_conversion_and_alias_orders(name):
                 child.switch_to_deploy()
             timm_walk(child)
 
+    def mmpretrain_loop(model):  # MMPretrain backbones: switch_to_deploy on every module that has it
+        for m in list(model.modules()):
+            if hasattr(m, "switch_to_deploy"):
+                m.switch_to_deploy()
+
     timm_walk(timm_style)
     mmpretrain_style = copy.deepcopy(model)
-    for m in list(mmpretrain_style.modules()):
-        if hasattr(m, "switch_to_deploy"):
-            m.switch_to_deploy()
+    mmpretrain_loop(mmpretrain_style)
+    timm_then_mmpretrain = copy.deepcopy(model)
+    timm_walk(timm_then_mmpretrain)
+    mmpretrain_loop(timm_then_mmpretrain)
+    mmpretrain_then_timm = copy.deepcopy(model)
+    mmpretrain_loop(mmpretrain_then_timm)
+    timm_walk(mmpretrain_then_timm)
     twice = reparameterize_model(reparameterize_model(model))
     twice.switch_to_deploy()
-    for other in (timm_style, mmpretrain_style, twice):
+    for other in (timm_style, mmpretrain_style, timm_then_mmpretrain, mmpretrain_then_timm, twice):
         other.eval()
         assert ours.state_dict().keys() == other.state_dict().keys()
         assert model_relative_error(ours, other, x) == 0.0
@@ -88,12 +97,50 @@ def test_repeated_conversion_and_alias_orders(name):
     ("repmlp_res50_light_224", 87.04, 86.14),   # official RepMLP-Res50-light-224
     ("repmlp_res50_g8_224", 41.07, 40.87),      # official RepMLP-Res50-bottleneck-224
     ("resnet50", 25.56, 25.53),
+    ("resnet18", 11.69, 11.68),                 # torchvision: 11,689,512 (deploy: BNs folded into biases)
+    ("repvgg_a0", 9.11, 8.31),                  # MMPretrain's table; 8,309,384 deployed
+    ("repvgg_b0", 15.82, 14.34),                # 14,339,048 deployed
+    ("mobileone_s0", 5.29, 2.08),               # MMPretrain's table and Apple's README
 ])
 def test_parameter_counts_match_official(name, train_m, deploy_m):
     model = create(name)
     count = lambda m: round(sum(p.numel() for p in m.parameters()) / 1e6, 2)  # noqa: E731
     assert count(model) == train_m
     assert count(create(name, deploy=True)) == deploy_m
+
+
+@pytest.mark.parametrize("name,paper_m", [("repvgg_a0", 8.30), ("repvgg_b0", 14.33), ("mobileone_s0", 2.08),
+                                          ("replknet_31b", 79)])
+def test_deploy_parameter_counts_match_the_papers(name, paper_m):
+    """Within the published precision: RepVGG-A0 has 8,309,384 parameters deployed and its paper
+    truncates to 8.30M; MobileOne-S0 has 2,078,504 and its README rounds to 2.08M."""
+    count = sum(p.numel() for p in create(name, deploy=True).parameters()) / 1e6
+    assert abs(count - paper_m) < (1 if isinstance(paper_m, int) else 0.01)
+
+
+@pytest.mark.parametrize("conv_type", ["acb", "dbb", "orepa"])
+@pytest.mark.parametrize("name", ["resnet18_tiny", "resnet_tiny", "resnet18"])
+def test_resnet_conv_types(name, conv_type):
+    """ResNet-18 (basic blocks) and the bottleneck ResNet with their 3x3 convs as ACB, DBB or OREPA."""
+    model = perturb_params(randomize_bn(create(name, conv_type=conv_type), seed=5), seed=5).eval()
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert {"acb": "ACBlock", "dbb": "DiverseBranchBlock", "orepa": "OREPA"}[conv_type] in kinds
+    x = _inputs(model, batch=2)
+    deploy = reparameterize_model(model)
+    assert model_relative_error(model, deploy, x) <= 1e-4
+    model64 = copy.deepcopy(model).double()
+    assert model_relative_error(model64, reparameterize_model(model64), x.double()) <= 1e-10
+    built = create(name, conv_type=conv_type, deploy=True)
+    built.load_state_dict(deploy.state_dict(), strict=True)
+    assert model_relative_error(deploy, built, x) == 0.0
+    # the deploy model is a plain ResNet: the weights load into conv_type="conv"
+    create(name, deploy=True).load_state_dict(deploy.state_dict(), strict=False)
+
+
+def test_resnet_conv_type_rejects_dilated_dbb():
+    with pytest.raises(ValueError, match="DiverseBranchBlock: dilation=2 is not supported"):
+        create("resnet_tiny_d8", conv_type="dbb")
+    create("resnet_tiny_d8", conv_type="acb")  # ACB and OREPA dilate exactly
 
 
 def test_repmlp_placement_and_per_stage_groups():

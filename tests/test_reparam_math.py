@@ -10,6 +10,10 @@ from torch import nn
 
 from backbones.reparam import (
     add_branches,
+    avg_kernel,
+    identity_kernel,
+    merge_1x1_kxk,
+    merge_depthwise_pointwise,
     bn_scale_shift,
     conv_bias_to_fc,
     conv_to_fc,
@@ -167,3 +171,45 @@ def test_relative_error_is_nan_for_non_finite_outputs():
     assert max_relative_error(ok, ok) == 0.0
     for broken in (torch.tensor([1.0, float("nan"), 1.0]), torch.tensor([1.0, float("inf"), 1.0])):
         assert math.isnan(max_relative_error(ok, broken)) and math.isnan(max_relative_error(broken, ok))
+
+
+@pytest.mark.parametrize("channels,groups,k", [(6, 1, 1), (6, 2, 3), (6, 6, 5)])
+def test_identity_and_avg_kernels_equal_the_ops(channels, groups, k):
+    x = torch.randn(2, channels, 9, 8, dtype=torch.float64)
+    eye = identity_kernel(channels, channels // groups, k, like=x)
+    assert eye.dtype == torch.float64
+    assert torch.equal(F.conv2d(x, eye, padding=k // 2, groups=groups), x)
+    pool = avg_kernel(channels, channels // groups, k, like=x)
+    expected = F.avg_pool2d(x, k, 2, k // 2)  # count_include_pad=True, the AvgPool2d default
+    assert max_relative_error(expected, F.conv2d(x, pool, stride=2, padding=k // 2, groups=groups)) < 1e-14
+    with pytest.raises(ValueError, match="even"):
+        identity_kernel(4, 4, 2)
+
+
+@pytest.mark.parametrize("cin,mid,cout,groups,k,stride", [(4, 6, 8, 1, 3, 1), (4, 8, 6, 2, 3, 2), (6, 12, 6, 6, 5, 1)])
+def test_merge_1x1_kxk_equals_the_two_convs(cin, mid, cout, groups, k, stride):
+    k1, b1 = torch.randn(mid, cin // groups, 1, 1), torch.randn(mid)
+    k2, b2 = torch.randn(cout, mid // groups, k, k), torch.randn(cout)
+    x = torch.randn(2, cin, 9, 10)
+    # The KxK conv pads the 1x1 output with what the 1x1 gives on zero input: its bias.
+    mid_map = F.pad(F.conv2d(x, k1, b1, groups=groups), [k // 2] * 4)
+    border = torch.ones(1, 1, 9 + k - 1, 10 + k - 1)
+    border[..., k // 2:-(k // 2), k // 2:-(k // 2)] = 0
+    mid_map = mid_map + border * b1.reshape(1, -1, 1, 1)
+    expected = F.conv2d(mid_map, k2, b2, stride=stride, groups=groups)
+    kernel, bias = merge_1x1_kxk(k1, b1, k2, b2, groups)
+    merged = F.conv2d(x, kernel, bias, stride=stride, padding=k // 2, groups=groups)
+    assert max_relative_error(expected, merged) < 1e-5
+    with pytest.raises(ValueError, match="do not chain"):
+        merge_1x1_kxk(k1, b1, torch.randn(cout, mid + 1, k, k), b2, groups)
+
+
+@pytest.mark.parametrize("cin,t,cout,groups", [(4, 1, 6, 1), (4, 3, 8, 2), (6, 2, 6, 3)])
+def test_merge_depthwise_pointwise_equals_the_two_convs(cin, t, cout, groups):
+    dw, pw = torch.randn(cin * t, 1, 3, 5), torch.randn(cout, cin * t // groups, 1, 1)
+    x = torch.randn(2, cin, 8, 9)
+    expected = F.conv2d(F.conv2d(x, dw, padding=(1, 2), groups=cin), pw, groups=groups)
+    merged = F.conv2d(x, merge_depthwise_pointwise(dw, pw, cin, groups), padding=(1, 2), groups=groups)
+    assert max_relative_error(expected, merged) < 1e-5
+    with pytest.raises(ValueError, match="in_channels=5"):
+        merge_depthwise_pointwise(dw, pw, 5, groups)

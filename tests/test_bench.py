@@ -1,0 +1,31 @@
+"""bench.reparam's training-cost section (section 4) and its memory measure."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+from torch import nn
+
+from bench.reparam import saved_activation_bytes
+from conftest import REPO
+
+
+def test_saved_activation_bytes_counts_inputs_not_parameters():
+    conv = nn.Conv2d(3, 4, 3, bias=False)
+    x = torch.randn(2, 3, 8, 8)
+    assert saved_activation_bytes(conv, x) == x.numel() * 4  # conv saves its input; its weight is excluded
+    two = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1))
+    # + the ReLU output, which ReLU and the 1x1 conv both save: one storage, counted once
+    assert saved_activation_bytes(two, x) == (x.numel() + 2 * 4 * 6 * 6) * 4
+    assert all(p.grad is None for p in two.parameters())
+
+
+def test_train_section_compares_conv_types_with_dbb():
+    proc = subprocess.run([sys.executable, "-m", "bench.reparam", "--sections", "train", "--train-model",
+                           "resnet18_tiny", "--train-size", "32", "--train-batch", "4", "--repeats", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| `")]
+    assert [r.split("|")[1].strip() for r in rows] == ["`conv`", "`acb`", "`dbb`", "`orepa`"]
+    assert "| `dbb` |" in proc.stdout and "OREPA / DBB: time" in proc.stdout

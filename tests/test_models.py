@@ -51,10 +51,11 @@ def test_tiny_models_fp64_and_batch(name):
     assert model_relative_error(model, reparameterize_model(model), x) <= 1e-10
 
 
-@pytest.mark.parametrize("name", TINY)
-def test_repeated_conversion_and_alias_orders(name):
+@pytest.mark.parametrize("name,kwargs", [(n, {}) for n in TINY] + [("resnet18_tiny", {"conv_type": t})
+                                                                     for t in ("acb", "dbb", "orepa")])
+def test_repeated_conversion_and_alias_orders(name, kwargs):
     """timm's walker, MMPretrain's module loop and ours, in either order, give the same model."""
-    model = randomize_bn(create(name), seed=4).eval()
+    model = perturb_params(randomize_bn(create(name, **kwargs), seed=4), seed=4).eval()
     x = _inputs(model, batch=2)
     ours = reparameterize_model(model)
 

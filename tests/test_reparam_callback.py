@@ -78,6 +78,25 @@ def test_fit_leaves_a_checked_deploy_model_and_files(fitted):
     assert meta["relative_error"] == info["relative_error"]
 
 
+FAMILY = [("repvgg_a0_tiny", {}), ("qarepvgg_a0_tiny", {}), ("mobileone_s0_tiny", {}), ("replknet_31b_tiny", {}),
+          ("resnet18_tiny", {"conv_type": "acb"}), ("resnet18_tiny", {"conv_type": "dbb"}),
+          ("resnet18_tiny", {"conv_type": "orepa"})]
+
+
+@pytest.mark.parametrize("name,kwargs", FAMILY, ids=[f"{n}-{k.get('conv_type', '')}" for n, k in FAMILY])
+def test_callback_converts_every_family_backbone(name, kwargs, demo, tmp_path):
+    """A short fit of each re-parameterization family backbone: the callback converts, checks and saves it."""
+    task = _task(name, backbone_kwargs=kwargs)
+    callback = ReparamCallback()
+    trainer = _trainer(tmp_path, [callback], max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(task, datamodule=_dm(demo))
+    assert task.deploy and callback.info["relative_error"] <= 1e-4
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in task.modules())
+    state_dict, meta = load_state_dict_file(callback.paths["safetensors"])
+    assert meta["arch"] == name and meta["model_kwargs"] == {**kwargs, "num_classes": 10}
+    create(name, deploy=True, **meta["model_kwargs"]).load_state_dict(state_dict, strict=True)
+
+
 def test_deploy_safetensors_rebuilds_the_backbone(fitted):
     _, _, task, callback, _, _ = fitted
     state_dict, meta = load_state_dict_file(callback.paths["safetensors"])

@@ -53,7 +53,7 @@ def _model_kwargs(
     model_kwargs: Optional[Mapping[str, Any]],
 ) -> dict[str, Any]:
     """Constructor arguments: recorded ones (same arch only) < ``model_kwargs`` < ``num_classes``;
-    ``num_classes`` falls back to the rows of ``fc.weight`` (0 without a classifier)."""
+    ``num_classes`` falls back to the rows of the classifier weight (0 without a classifier)."""
     kwargs: dict[str, Any] = {}
     recorded = meta.get("model_kwargs")
     if isinstance(recorded, Mapping) and meta.get("arch") in (None, arch):
@@ -62,7 +62,7 @@ def _model_kwargs(
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     elif "num_classes" not in kwargs:
-        weight = state_dict.get("fc.weight")
+        weight = state_dict.get("fc.weight", state_dict.get("head.fc.weight"))  # head.fc: RepLKNet
         kwargs["num_classes"] = int(weight.shape[0]) if weight is not None else 0
     kwargs.pop("deploy", None)
     return kwargs
@@ -85,7 +85,8 @@ def convert_checkpoint(
         arch: registered model name.
         src: train-time checkpoint (any form :func:`~backbones.checkpoint.load_state_dict_file` reads).
         dst: output; ``*.safetensors`` or torch format otherwise, with arch/model_kwargs/deploy recorded.
-        num_classes: classifier size; default: recorded, else the rows of ``fc.weight``, else 0.
+        num_classes: classifier size; default: recorded, else the rows of ``fc.weight`` (or
+            ``head.fc.weight``), else 0.
         model_kwargs: extra constructor arguments (override recorded ones).
         tolerance: largest accepted max relative error between train-time and deploy outputs.
         seed: seed of the random check input ``(2, in_chans, *img_size)``.
@@ -156,12 +157,13 @@ def convert_checkpoint(
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m backbones.convert",
-        description="Convert a train-time checkpoint into a deploy (pure FC RepMLP) checkpoint and verify it.",
+        description="Convert a train-time checkpoint of any registered model (RepMLP, RepVGG, DBB, ...) into a "
+                    "deploy checkpoint and verify it.",
     )
     parser.add_argument("--arch", required=True, help="registered model name, e.g. repmlp_res50_g8_224")
     parser.add_argument("src", help="train-time checkpoint (.ckpt/.pt/.pth/.safetensors)")
     parser.add_argument("dst", help="output file; .safetensors or torch format by extension")
-    parser.add_argument("--num-classes", type=int, default=None, help="default: from fc.weight (0 if none)")
+    parser.add_argument("--num-classes", type=int, default=None, help="default: from fc.weight or head.fc.weight (0 if none)")
     parser.add_argument("--model-kwargs", default="{}", help="JSON object of extra constructor arguments")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max relative error accepted (default 1e-4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the check input (default 0)")

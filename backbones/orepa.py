@@ -106,7 +106,7 @@ class OREPA(MergedConvBlock):
         return [
             self.weight_origin,
             self.weight_avg * ones,
-            self.weight_prior * self.prior.to(self.weight_prior.dtype).unsqueeze(1),
+            self.weight_prior * self.prior.unsqueeze(1),
             merge_1x1_kxk(idconv, None, self.weight_1x1_kxk_conv, None, g)[0],
             pad_kernel(self.weight_1x1, k),
             merge_depthwise_pointwise(self.weight_dw, self.weight_pw, self.in_channels, g),

@@ -114,13 +114,10 @@ class MergedConvBlock(ReparamBlock):
             self.reparam_conv = self.new_conv()
         self.act = nn.ReLU(inplace=True) if act else nn.Identity()
 
-    def new_conv(self, **overrides) -> nn.Conv2d:
-        """A conv with this block's geometry (``overrides`` replace any of it); biased unless told."""
-        args = dict(in_channels=self.in_channels, out_channels=self.out_channels, kernel_size=self.kernel_size,
-                    stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
-                    bias=True, padding_mode=self.padding_mode)
-        args.update(overrides)
-        return nn.Conv2d(**args)
+    def new_conv(self, device: Optional[torch.device | str] = None) -> nn.Conv2d:
+        """The deploy conv: this block's geometry, with a bias."""
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, bias=True, padding_mode=self.padding_mode, device=device)
 
     def conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         """``x`` through a conv of this block's geometry with the given weights (any padding mode)."""

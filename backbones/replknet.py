@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -188,7 +187,8 @@ class RepLKNet(PooledClassifier):
             ConvBN(c0, c0, 1, act=True, deploy=deploy),
             ConvBN(c0, c0, 3, 2, groups=c0, act=True, deploy=deploy),
         )
-        rates = torch.linspace(0, drop_path_rate, 2 * sum(layers)).tolist()
+        count = 2 * sum(layers)  # python floats, not torch.linspace: models are also built on the meta device
+        rates = [drop_path_rate * i / max(count - 1, 1) for i in range(count)]
         for i, (k, n, c) in enumerate(zip(kernels, layers, channels)):
             blocks: list[nn.Module] = []
             for _ in range(n):

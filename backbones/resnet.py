@@ -217,9 +217,10 @@ class ResNet(PooledClassifier):
             for m in self.modules():
                 last = {Bottleneck: "conv3", BasicBlock: "conv2", RepMLPBottleneck: "conv5",
                         RepMLPLight: "conv3"}.get(type(m))
-                if last is not None:  # a branch's output BN, not DBB's BN-and-pad inside a branch
+                if last is not None:  # each branch's output BN, not the BN of DBB's BN-and-pad inside a branch
+                    inner = {id(p.bn) for p in getattr(m, last).modules() if isinstance(p, BNAndPad)}
                     for bn in getattr(m, last).modules():
-                        if isinstance(bn, nn.BatchNorm2d) and not isinstance(bn, BNAndPad):
+                        if isinstance(bn, nn.BatchNorm2d) and id(bn) not in inner:
                             nn.init.zeros_(bn.weight)
 
     @property

@@ -1,6 +1,7 @@
 """backbones.convert (CLI and function) and the checkpoint helpers it relies on."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -82,6 +83,18 @@ def test_cli_lightning_checkpoint_to_torch_file(tmp_path):
 
 
 # ----------------------------------------------------------------- the CLI, bad inputs
+@pytest.mark.parametrize("arch,kwargs", [("replknet_31b_tiny", {}), ("resnet18_tiny", {"conv_type": "dbb"})])
+def test_cli_converts_family_checkpoints(tmp_path, arch, kwargs):
+    """RepLKNet's classifier is head.fc (num_classes is read from it); conv_type goes in --model-kwargs."""
+    model = _train_model(arch, num_classes=7, **kwargs)
+    src, dst = tmp_path / "train.pt", tmp_path / "deploy.safetensors"
+    torch.save(model.state_dict(), src)
+    args = ["--model-kwargs", json.dumps(kwargs)] if kwargs else []
+    proc = _cli("--arch", arch, *args, str(src), str(dst))
+    assert proc.returncode == 0, proc.stderr
+    _check_deploy_file(dst, model, arch, num_classes=7)
+
+
 def test_cli_missing_file(tmp_path):
     missing = tmp_path / "nope.pt"
     proc = _cli("--arch", ARCH, str(missing), str(tmp_path / "out.pt"))

@@ -138,6 +138,14 @@ def test_resnet_conv_types(name, conv_type):
     create(name, deploy=True).load_state_dict(deploy.state_dict(), strict=False)
 
 
+@pytest.mark.parametrize("name,kwargs", [(n, {}) for n in ALL] + [("resnet18", {"conv_type": t})
+                                                                    for t in ("acb", "dbb", "orepa")])
+def test_input_size_builds_on_the_meta_device(name, kwargs):
+    """The data modules size their crops with backbones.input_size, which builds the model on the
+    meta device: no constructor may read tensor data (a torch.linspace(...).tolist() did)."""
+    assert backbones.input_size(name, **kwargs) == create(name, **kwargs).img_size
+
+
 def test_resnet_conv_type_rejects_dilated_dbb():
     with pytest.raises(ValueError, match="DiverseBranchBlock: dilation=2 is not supported"):
         create("resnet_tiny_d8", conv_type="dbb")

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from pytorch_lightning.plugins.layer_sync import TorchSyncBatchNorm
 from torch.overrides import TorchFunctionMode
 
 from backbones import (
@@ -164,6 +165,7 @@ def test_orepa_accepts_any_padding():
     (lambda: RepVGGBlock(4, 4, 2), "kernel_size must be an odd int"),
     (lambda: MobileOneBlock(4, 6, 3, groups=4), "groups=4 must divide in_channels=4 and out_channels=6"),
     (lambda: DiverseBranchBlock(4, 4, 3, dilation=2), "dilation=2 is not supported.*average-pool"),
+        (lambda: DiverseBranchBlock(8, 4, 3, groups=4), "depthwise block .*needs in_channels == out_channels"),
     (lambda: ACBlock(4, 4, 3, padding_mode="mirror"), "padding_mode must be one of"),
     (lambda: ReparamLargeKernelConv(4, 4, 7, small_kernel=9), "small_kernel=9 must be odd and at most kernel_size=7"),
     (lambda: MobileOneBlock(4, 4, 3, num_conv_branches=0), "num_conv_branches must be at least 1"),
@@ -179,6 +181,21 @@ def test_walker_refuses_sync_batchnorm_inside_family_blocks():
     model = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(RepVGGBlock(4, 4), DiverseBranchBlock(4, 4)))
     with pytest.raises(TypeError, match=r"SyncBatchNorm \(0\.dense\.bn.*revert"):
         reparameterize_model(model)
+
+
+@pytest.mark.parametrize("kind", sorted(BLOCKS))
+def test_sync_batchnorm_round_trip(kind):
+    """DDP with ``sync_batchnorm`` swaps every BN for SyncBatchNorm, and Lightning swaps them back
+    before the deploy conversion: the block must keep its structure (DBB's BN-and-pad keeps padding)."""
+    block = _randomized(BLOCKS[kind](8, 8, 3, 1, 2, 1, "zeros", False))
+    x = torch.randn(2, 8, 9, 11)
+    sync = TorchSyncBatchNorm().apply(copy.deepcopy(block))
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in sync.modules())
+    assert model_relative_error(block, sync, x) == 0.0
+    sync.train()(x).sum().backward()  # no process group on CPU: SyncBatchNorm normalizes locally
+    back = TorchSyncBatchNorm().revert(sync)
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in back.modules())
+    assert model_relative_error(back, reparameterize_model(back), x) <= 1e-5
 
 
 def test_train_mode_outputs_differ_eval_mode_match():

@@ -24,8 +24,9 @@ from .reparam_block import MergedConvBlock
 
 class BNAndPad(nn.Module):
     """BatchNorm ``bn``, then padding by ``pad`` on every side: with the BN's output for a zero input
-    (``padding_mode="zeros"``; the running statistics also in training, as the official layer) or
-    with the given mode. ``(N, C, H, W)`` → ``(N, C, H+2p, W+2p)``.
+    (``padding_mode="zeros"``; the running statistics also in training, as the official layer, but
+    not detached: the border passes gradients to the BN's affine parameters) or with the given
+    mode. ``(N, C, H, W)`` → ``(N, C, H+2p, W+2p)``.
 
     It holds its BN rather than being one, so that converting a model to SyncBatchNorm (DDP with
     ``sync_batchnorm``) swaps the BN and keeps the padding.
@@ -95,6 +96,7 @@ class DiverseBranchBlock(MergedConvBlock):
         if internal % groups:
             raise ValueError(f"DiverseBranchBlock: groups={groups} must divide internal_channels={internal}")
         self.internal_channels = internal
+        self.identity_based = internal == in_channels
         if deploy:
             return
         k, p = kernel_size, self.padding
@@ -106,17 +108,18 @@ class DiverseBranchBlock(MergedConvBlock):
         self.avg_bn = nn.BatchNorm2d(out_channels)
         # The 1x1 of the fourth branch: a learned residual on the identity when widths allow.
         self.kxk_idconv = nn.Parameter(torch.zeros(internal, in_channels // groups, 1, 1))
-        if internal == in_channels:
-            self.register_buffer("kxk_identity", identity_kernel(internal, in_channels // groups), persistent=False)
-        else:
+        if not self.identity_based:
             nn.init.kaiming_uniform_(self.kxk_idconv, a=5 ** 0.5)
         self.kxk_pad = BNAndPad(internal, p, padding_mode)
         self.kxk_conv = nn.Conv2d(internal, out_channels, k, stride, 0, groups=groups, bias=False)
         self.kxk_bn = nn.BatchNorm2d(out_channels)
 
     def _kxk_1x1(self) -> Tensor:
-        identity = getattr(self, "kxk_identity", None)
-        return self.kxk_idconv if identity is None else self.kxk_idconv + identity
+        # the identity is made on the fly, not kept as a buffer: meta-device init + load_state_dict
+        # (to_empty) would leave a non-persistent buffer uninitialized
+        if not self.identity_based:
+            return self.kxk_idconv
+        return self.kxk_idconv + identity_kernel(*self.kxk_idconv.shape[:2], like=self.kxk_idconv)
 
     def _pad(self, x: Tensor) -> Tensor:
         """The input of the pool-only (depthwise) average branch, padded as the merged conv pads."""

@@ -30,13 +30,13 @@ def frequency_prior(channels: int, kernel_size: int) -> Tensor:
     """``(C, K, K)`` cosine bases: the first half of the channels vary along rows, the rest along
     columns, with frequency ``i + 1``. (The official ``fre_init`` fills only 3x3 of it.)"""
     pos = (torch.arange(kernel_size, dtype=torch.float64) + 0.5) * math.pi / kernel_size
+    index = torch.arange(channels)
     half = channels // 2
-    prior = torch.empty(channels, kernel_size, kernel_size, dtype=torch.float64)
-    for i in range(channels):
-        freq = i + 1 if i < half else i + 1 - half
-        wave = torch.cos(pos * freq)
-        prior[i] = wave[:, None].expand(-1, kernel_size) if i < half else wave[None, :].expand(kernel_size, -1)
-    return prior.float()
+    freq = torch.where(index < half, index + 1, index + 1 - half).to(torch.float64)
+    wave = torch.cos(freq[:, None] * pos[None, :])                       # (C, K)
+    rows = wave[:, :, None].expand(-1, -1, kernel_size)
+    cols = wave[:, None, :].expand(-1, kernel_size, -1)
+    return torch.where((index < half)[:, None, None], rows, cols).float()
 
 
 class OREPA(MergedConvBlock):
@@ -45,7 +45,7 @@ class OREPA(MergedConvBlock):
     Args:
         internal_channels: width inside the 1x1 → KxK branch (default ``in_channels``).
         dw_multiplier: depthwise filters per input channel in the depthwise-separable branch.
-    State dict: train ``weight_*``, ``vector`` (6, out) and ``bn.*``; deploy ``reparam_conv.*``.
+    State dict: train ``weight_*``, ``vector`` (6, out), ``prior`` and ``bn.*``; deploy ``reparam_conv.*``.
     """
 
     any_padding = True
@@ -71,6 +71,7 @@ class OREPA(MergedConvBlock):
         if internal % groups:
             raise ValueError(f"OREPA: groups={groups} must divide internal_channels={internal}")
         self.internal_channels, self.dw_multiplier = internal, dw_multiplier
+        self.identity_based = internal == in_channels  # the 1x1 -> KxK branch's 1x1 starts as the identity
         if deploy:
             return
         k, cg = kernel_size, in_channels // groups
@@ -83,11 +84,10 @@ class OREPA(MergedConvBlock):
         self.weight_origin = param(out_channels, cg, k, k)
         self.weight_avg = param(out_channels, cg, 1, 1)
         self.weight_prior = param(out_channels, cg, 1, 1)
-        self.register_buffer("prior", frequency_prior(out_channels, k), persistent=False)
+        # persistent (a train-time key): meta-device init + load_state_dict must restore it
+        self.register_buffer("prior", frequency_prior(out_channels, k))
         self.weight_1x1_kxk_idconv = nn.Parameter(torch.zeros(internal, cg, 1, 1))
-        if internal == in_channels:
-            self.register_buffer("identity", identity_kernel(internal, cg), persistent=False)
-        else:
+        if not self.identity_based:
             nn.init.kaiming_uniform_(self.weight_1x1_kxk_idconv, a=0.0)
         self.weight_1x1_kxk_conv = param(out_channels, internal // groups, k, k)
         self.weight_1x1 = param(out_channels, cg, 1, 1)
@@ -101,8 +101,8 @@ class OREPA(MergedConvBlock):
         k, g = self.kernel_size, self.groups
         ones = self.weight_avg.new_full((k, k), 1.0 / (k * k))
         idconv = self.weight_1x1_kxk_idconv
-        if hasattr(self, "identity"):
-            idconv = idconv + self.identity
+        if self.identity_based:  # made on the fly, as DBB's (no uninitialized buffer after to_empty)
+            idconv = idconv + identity_kernel(*idconv.shape[:2], like=idconv)
         return [
             self.weight_origin,
             self.weight_avg * ones,

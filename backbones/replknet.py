@@ -3,22 +3,23 @@
 ``ReparamLargeKernelConv``: a large depthwise KxK conv-BN plus a small kxk conv-BN, summed; the
 small kernel is zero-padded into the large one at deploy. ``RepLKBlock`` (pre-BN → 1x1 → large
 kernel → 1x1, residual) and ``ConvFFN`` (pre-BN → 1x1 → GELU → 1x1, residual) alternate in each
-stage. At deploy every BN is folded, including the pre-BNs (into the following 1x1 conv, exact
-because a 1x1 conv without padding sees no border) and the final BN (into the classifier, exact
-because average pooling commutes with a per-channel affine map). The official ``deep_fuse_BN``
+stage. At deploy every BN is folded: the pre-BNs into the following 1x1 conv (exact because a
+1x1 conv without padding sees no border), the final BN into a per-channel scale and shift of the
+pooled features (exact because average pooling commutes with a per-channel affine map). The official ``deep_fuse_BN``
 is a silent no-op with its default SyncBatchNorm; this conversion refuses SyncBatchNorm instead.
 """
 from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .convbn import ConvBN
 from .classifier import PooledClassifier
 from .registry import register_model
-from .reparam import add_branches, convert_children, fuse_bn_before_linear
+from .reparam import add_branches, bn_scale_shift, convert_children, fuse_bn_before_linear
 from .reparam_block import MergedConvBlock, ReparamBlock, assign_parameter
 
 
@@ -149,7 +150,7 @@ class RepLKNet(PooledClassifier):
     stride-2 transitions, and ``head``: a final BN, average pooling and the classifier.
 
     ``(N, in_chans, H, W)`` → logits ``(N, num_classes)``; headless (``num_classes=0``): pooled
-    ``(N, channels[-1])`` features, and the deploy form keeps the final BN (nothing to fold it into).
+    ``(N, channels[-1])`` features.
 
     Args:
         kernels: large kernel size per stage.
@@ -217,28 +218,36 @@ class RepLKNet(PooledClassifier):
 
 
 class NormPoolHead(ReparamBlock):
-    """BN → global average pool → ``fc``: ``(N, C, H, W)`` → ``(N, num_classes)`` (``(N, C)`` when
-    headless or ``pre_logits``). Deploy folds the BN into ``fc``; a headless head keeps its BN.
+    """BN → global average pool → ``fc``: ``(N, C, H, W)`` → ``(N, num_classes)``, or the pooled,
+    normalized ``(N, C)`` when headless or ``pre_logits``.
 
-    A child module, not the backbone's own code, so that walkers that visit children only
-    (timm's ``reparameterize_model``) convert it too.
+    Deploy: in eval mode the BN is a per-channel affine map, which commutes with average pooling,
+    so it becomes ``scale``/``shift`` on the pooled ``(N, C)`` vector (no BN left, and ``pre_logits``
+    features stay equal). A child module, not the backbone's own code, so that walkers that visit
+    children only (timm's ``reparameterize_model``) convert it too.
     """
 
     def __init__(self, channels: int, num_classes: int, deploy: bool = False) -> None:
         super().__init__()
         self.deploy = deploy
-        self.norm = nn.Identity() if deploy and num_classes > 0 else nn.BatchNorm2d(channels)
+        if deploy:
+            self.scale = nn.Parameter(torch.ones(channels))
+            self.shift = nn.Parameter(torch.zeros(channels))
+        else:
+            self.norm = nn.BatchNorm2d(channels)
         self.fc = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
 
     def _build_deploy(self) -> None:
-        if isinstance(self.fc, nn.Linear):
-            weight, bias = fuse_bn_before_linear(self.fc.weight, self.fc.bias, self.norm)
-            assign_parameter(self.fc, "weight", weight)
-            assign_parameter(self.fc, "bias", bias)
-            self.norm = nn.Identity()
+        scale, shift = bn_scale_shift(self.norm)
+        assign_parameter(self, "scale", scale)
+        assign_parameter(self, "shift", shift)
+        del self.norm
 
     def forward(self, features: Tensor, pre_logits: bool = False) -> Tensor:
-        pooled = F.adaptive_avg_pool2d(self.norm(features), 1).flatten(1)
+        if self.deploy:
+            pooled = F.adaptive_avg_pool2d(features, 1).flatten(1) * self.scale + self.shift
+        else:
+            pooled = F.adaptive_avg_pool2d(self.norm(features), 1).flatten(1)
         return pooled if pre_logits else self.fc(pooled)
 
 

@@ -153,7 +153,7 @@ class ResNet(PooledClassifier):
             raise ValueError(f"ResNet: repmlp_stages must be stage numbers 2..5 (c2..c5), got {tuple(repmlp_stages)}")
         if repmlp_block not in ("bottleneck", "light"):
             raise ValueError(f"ResNet: repmlp_block must be 'bottleneck' or 'light', got {repmlp_block!r}")
-        if bottleneck_ratio < 1 or any(w % bottleneck_ratio for w in widths):
+        if block == "bottleneck" and (bottleneck_ratio < 1 or any(w % bottleneck_ratio for w in widths)):
             raise ValueError(f"ResNet: bottleneck_ratio={bottleneck_ratio} must divide every width {tuple(widths)}")
         if block not in ("bottleneck", "basic"):
             raise ValueError(f"ResNet: block must be 'bottleneck' or 'basic', got {block!r}")

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 import backbones
-from backbones import ReparamBlock, RepMLP, create, list_models, model_relative_error, reparameterize_model
+from backbones import (
+    ReparamBlock, RepMLP, create, list_models, max_relative_error, model_relative_error, reparameterize_model,
+)
 from conftest import perturb_params, randomize_bn
 
 ALL = list_models()
@@ -145,6 +147,25 @@ def test_input_size_builds_on_the_meta_device(name, kwargs):
     meta device: no constructor may read tensor data (a torch.linspace(...).tolist() did)."""
     size = backbones.input_size(name, **kwargs)
     assert len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)
+
+
+def test_replknet_pre_logits_survive_the_conversion():
+    """The final BN becomes a scale and shift of the pooled features, so features (pre_logits) match too."""
+    model = randomize_bn(create("replknet_31b_tiny"), seed=6).eval()
+    deploy = reparameterize_model(model)
+    x = _inputs(model, batch=2)
+    with torch.no_grad():
+        for m in (model, deploy):
+            m.features = m.forward_head(m.forward_features(x), pre_logits=True)
+    assert max_relative_error(model.features, deploy.features) <= 1e-5
+    headless = randomize_bn(create("replknet_31b_tiny", num_classes=0), seed=6).eval()
+    converted = reparameterize_model(headless)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in converted.modules())
+    assert model_relative_error(headless, converted, x) <= 1e-5
+
+
+def test_basic_block_resnet_ignores_bottleneck_ratio():
+    assert create("resnet18_tiny", widths=(18, 36, 72, 144)).eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 
 def test_resnet_conv_type_rejects_dilated_dbb():

@@ -4,6 +4,7 @@ groups up to depthwise, dilation, every padding mode, odd and non-square inputs)
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch.overrides import TorchFunctionMode
 
 from backbones import (
     ACBlock,
+    create,
     DiverseBranchBlock,
     MobileOneBlock,
     OREPA,
@@ -124,7 +126,7 @@ def test_dbb_depthwise_and_internal_width():
     dw = DiverseBranchBlock(6, 6, 3, groups=6)
     assert not hasattr(dw, "pointwise") and not hasattr(dw, "avg_conv") and dw.internal_channels == 12
     wide = _randomized(DiverseBranchBlock(4, 6, 3, internal_channels=10))
-    assert not hasattr(wide, "kxk_identity")
+    assert not wide.identity_based
     x = torch.randn(2, 4, 9, 9)
     assert model_relative_error(wide, reparameterize_model(wide), x) <= 1e-5
 
@@ -148,8 +150,12 @@ def test_orepa_trains_one_conv_and_one_bn():
     assert modules == ["BatchNorm2d", "Identity", "OREPA"]
     assert sum("conv" in f for f in functions) == 1 and functions.count("batch_norm") == 1
     assert torch.equal(block.vector[:, 0], torch.tensor([0.25, 0.25, 0.0, 0.5, 1.0, 0.5]))
-    # the frequency prior covers the whole kernel for K > 3 (the official code fills only 3x3 of it)
-    assert OREPA(4, 4, 5).prior[:, 4, 4].abs().sum() > 0
+    # the frequency prior covers the whole kernel for K > 3 (the official code fills only 3x3 of it):
+    # cos(pi (h + 1/2) f / K), along rows for the first half of the channels, along columns for the rest
+    prior = OREPA(4, 4, 5).prior.double()
+    assert prior[:, 4, 4].abs().sum() > 0
+    assert abs(prior[1, 3, 0] - math.cos(math.pi * 3.5 * 2 / 5)) < 1e-7 and torch.equal(prior[1, :, 0], prior[1, :, 4])
+    assert abs(prior[3, 0, 2] - math.cos(math.pi * 2.5 * 2 / 5)) < 1e-7 and torch.equal(prior[3, 0], prior[3, 4])
 
 
 def test_orepa_accepts_any_padding():
@@ -158,6 +164,19 @@ def test_orepa_accepts_any_padding():
     deploy = reparameterize_model(block)
     assert deploy(x).shape == (2, 6, 4, 3)
     assert model_relative_error(block, deploy, x) <= 1e-5
+
+
+@pytest.mark.parametrize("conv_type", ["dbb", "orepa"])
+def test_meta_device_init_then_load_state_dict(conv_type):
+    """Empty-weight init (meta device, to_empty, load_state_dict) must restore everything the
+    forward reads: identity kernels are made on the fly, OREPA's prior is a persistent buffer."""
+    source = perturb_params(randomize_bn(create("resnet18_tiny", conv_type=conv_type)), seed=1).eval()
+    with torch.device("meta"):
+        empty = create("resnet18_tiny", conv_type=conv_type)
+    empty = empty.to_empty(device="cpu")
+    empty.load_state_dict(source.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    assert model_relative_error(source, empty, x) == 0.0
 
 
 @pytest.mark.parametrize("make,message", [

@@ -155,6 +155,12 @@ def repvgg_a0_tiny(**kwargs: Any) -> RepVGG:
 
 
 @register_model
+def repvgg_b0_tiny(**kwargs: Any) -> RepVGG:
+    """The tiny RepVGG with B0's deeper layout scaled down (blocks 2,3,4,1)."""
+    return RepVGG(**{**_TINY, "num_blocks": (2, 3, 4, 1), **kwargs})
+
+
+@register_model
 def qarepvgg_a0_tiny(**kwargs: Any) -> RepVGG:
     """The tiny RepVGG with QARepVGG blocks."""
     return RepVGG(**{**_TINY, "quant_friendly": True, **kwargs})

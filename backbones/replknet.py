@@ -5,8 +5,9 @@ small kernel is zero-padded into the large one at deploy. ``RepLKBlock`` (pre-BN
 kernel → 1x1, residual) and ``ConvFFN`` (pre-BN → 1x1 → GELU → 1x1, residual) alternate in each
 stage. At deploy every BN is folded: the pre-BNs into the following 1x1 conv (exact because a
 1x1 conv without padding sees no border), the final BN into a per-channel scale and shift of the
-pooled features (exact because average pooling commutes with a per-channel affine map). The official ``deep_fuse_BN``
-is a silent no-op with its default SyncBatchNorm; this conversion refuses SyncBatchNorm instead.
+pooled features (exact because average pooling commutes with a per-channel affine map). The
+official ``deep_fuse_BN`` is a silent no-op with its default SyncBatchNorm; this conversion
+refuses SyncBatchNorm instead.
 """
 from __future__ import annotations
 

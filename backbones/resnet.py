@@ -184,24 +184,20 @@ class ResNet(PooledClassifier):
             blocks: list[nn.Module] = []
             mid = widths[i] // bottleneck_ratio
             for j in range(layers[i]):
+                # the first block changes resolution or width; in a dilated stage it uses half the dilation
+                stride, dil = (strides[i], max(dilation // 2, 1)) if j == 0 else (1, dilation)
                 if block == "basic":
-                    first = j == 0
-                    blocks.append(BasicBlock(in_channels, widths[i], strides[i] if first else 1,
-                                             max(dilation // 2, 1) if first else dilation, deploy, conv_type))
-                elif j == 0:
-                    first_dilation = max(dilation // 2, 1) if dilation > 1 else 1
-                    blocks.append(Bottleneck(in_channels, mid, widths[i], strides[i], first_dilation, deploy,
-                                             conv_type))
-                elif stage_no in repmlp_stages and repmlp_block == "bottleneck":
+                    blocks.append(BasicBlock(in_channels, widths[i], stride, dil, deploy, conv_type))
+                elif j == 0 or stage_no not in repmlp_stages:
+                    blocks.append(Bottleneck(in_channels, mid, widths[i], stride, dil, deploy, conv_type))
+                elif repmlp_block == "bottleneck":
                     blocks.append(RepMLPBottleneck(
                         in_channels, mid, widths[i], size, partition, bottleneck_r[i], kernels,
                         groups[i], fc1_reduction[i], pad_input, dilation, deploy=deploy))
-                elif stage_no in repmlp_stages:
+                else:
                     blocks.append(RepMLPLight(
                         in_channels, widths[i] // 8, widths[i], size, partition, kernels, groups[i],
                         fc1_reduction[i], pad_input, deploy=deploy))
-                else:
-                    blocks.append(Bottleneck(in_channels, mid, widths[i], 1, dilation, deploy, conv_type))
                 in_channels = widths[i]
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
 
@@ -218,8 +214,9 @@ class ResNet(PooledClassifier):
                 last = {Bottleneck: "conv3", BasicBlock: "conv2", RepMLPBottleneck: "conv5",
                         RepMLPLight: "conv3"}.get(type(m))
                 if last is not None:  # each branch's output BN, not the BN of DBB's BN-and-pad inside a branch
-                    inner = {id(p.bn) for p in getattr(m, last).modules() if isinstance(p, BNAndPad)}
-                    for bn in getattr(m, last).modules():
+                    conv = getattr(m, last)
+                    inner = {id(p.bn) for p in conv.modules() if isinstance(p, BNAndPad)}
+                    for bn in conv.modules():
                         if isinstance(bn, nn.BatchNorm2d) and id(bn) not in inner:
                             nn.init.zeros_(bn.weight)
 

@@ -17,8 +17,8 @@ Run ``python -m bench.reparam [--models GLOB ...] [--batch 8] [--repeats N] [--t
 Timing method: the machine is shared, so no figure is meant to be read on its own. Every
 comparison is measured in one process, with the variants interleaved (A, B, A, B, ...; the order
 of each round alternates, A B then B A, so neither variant always runs first), after warm-up
-runs, under ``torch.inference_mode`` (section 4: with autograd); each time is the median over the rounds, and the figures to
-quote are the ratios. The "IQR" after a ratio is the 25th-75th percentile of the per-round ratios
+runs, under ``torch.inference_mode`` (section 4: with autograd); each time is the median over
+the rounds, and the figures to quote are the ratios. The "IQR" after a ratio is the 25th-75th percentile of the per-round ratios
 and shows how noisy the run was. ``--repeats`` fixes the number of rounds; by default it is
 chosen from a time budget per comparison (fewer rounds for the big 320 models).
 """

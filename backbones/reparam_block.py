@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fused_conv import add_act, conv_act
 from .reparam import convert_children
 
 
@@ -149,10 +150,11 @@ class MergedConvBlock(ReparamBlock):
         assign_parameter(conv, "bias", bias)
         self.reparam_conv = conv
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """``act(branches(x) + residual)``; ``residual`` (optional) has the output's shape."""
         if self.deploy:
-            return self.act(self.reparam_conv(x))
-        return self.act(self.forward_branches(x))
+            return conv_act(self.reparam_conv, x, self.act, residual)
+        return add_act(self.forward_branches(x), residual, self.act)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -52,15 +52,14 @@ class RepMLPBottleneck(ReparamBlock):
             inner, inner, input_size, partition, kernels, groups, fc1_reduction, pad_input, fc3_impl, deploy
         )
         self.conv4 = ConvBN(inner, mid_channels, 3, dilation=dilation, act=True, deploy=deploy)
-        self.conv5 = ConvBN(mid_channels, out_channels, 1, deploy=deploy)
+        self.conv5 = ConvBN(mid_channels, out_channels, 1, act=True, deploy=deploy)  # ReLU after the add
         self.shortcut = _shortcut(in_channels, out_channels, deploy)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.conv2(self.conv1(x))
         out = self.relu(self.repmlp(out))
-        out = self.conv5(self.conv4(out))
-        return self.relu(out + self.shortcut(x))
+        return self.conv5(self.conv4(out), residual=self.shortcut(x))
 
 
 class RepMLPLight(ReparamBlock):
@@ -87,10 +86,10 @@ class RepMLPLight(ReparamBlock):
             mid_channels, mid_channels, input_size, partition, kernels, groups, fc1_reduction, pad_input,
             fc3_impl, deploy,
         )
-        self.conv3 = ConvBN(mid_channels, out_channels, 1, deploy=deploy)
+        self.conv3 = ConvBN(mid_channels, out_channels, 1, act=True, deploy=deploy)  # ReLU after the add
         self.shortcut = _shortcut(in_channels, out_channels, deploy)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.repmlp(self.conv1(x)))
-        return self.relu(self.conv3(out) + self.shortcut(x))
+        return self.conv3(out, residual=self.shortcut(x))

@@ -53,12 +53,11 @@ class Bottleneck(ReparamBlock):
         self.deploy = deploy
         self.conv1 = ConvBN(in_channels, mid_channels, 1, act=True, deploy=deploy)
         self.conv2 = make_conv(conv_type, mid_channels, mid_channels, 3, stride, dilation, act=True, deploy=deploy)
-        self.conv3 = ConvBN(mid_channels, out_channels, 1, deploy=deploy)
+        self.conv3 = ConvBN(mid_channels, out_channels, 1, act=True, deploy=deploy)  # ReLU after the add
         self.shortcut = _shortcut(in_channels, out_channels, stride, deploy)
-        self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.relu(self.conv3(self.conv2(self.conv1(x))) + self.shortcut(x))
+        return self.conv3(self.conv2(self.conv1(x)), residual=self.shortcut(x))
 
 
 class BasicBlock(ReparamBlock):
@@ -79,12 +78,11 @@ class BasicBlock(ReparamBlock):
         super().__init__()
         self.deploy = deploy
         self.conv1 = make_conv(conv_type, in_channels, out_channels, 3, stride, dilation, act=True, deploy=deploy)
-        self.conv2 = make_conv(conv_type, out_channels, out_channels, 3, 1, dilation, deploy=deploy)
+        self.conv2 = make_conv(conv_type, out_channels, out_channels, 3, 1, dilation, act=True, deploy=deploy)
         self.shortcut = _shortcut(in_channels, out_channels, stride, deploy)
-        self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.relu(self.conv2(self.conv1(x)) + self.shortcut(x))
+        return self.conv2(self.conv1(x), residual=self.shortcut(x))  # ReLU after the add
 
 
 class ResNet(PooledClassifier):

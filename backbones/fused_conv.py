@@ -7,14 +7,13 @@ more passes over the feature map. This is kernel fusion that only the BN-free de
 (the train-time form has its BN in between), and it gives the same tensor as the separate ops.
 
 :func:`conv_act` takes the fused kernel only where it applies and pays: float32 CPU tensors, zero
-padding, outputs of at least ``MIN_FUSED_OUTPUT`` elements, nothing that needs autograd, and no
+padding, outputs of about ``MIN_FUSED_OUTPUT`` elements or more, nothing that needs autograd, and no
 tracing, compiling or dispatch mode (``torch.export`` and ``FlopCounterMode`` must see a plain conv). Everything else, and everything inside ``with fusion(False):``, runs the
 plain ops.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from typing import Optional
 
@@ -74,11 +73,12 @@ def _output_shape(conv: nn.Conv2d, x: Tensor) -> tuple[int, ...]:
 
 
 def _fusable(conv: nn.Conv2d, x: Tensor, residual: Optional[Tensor]) -> bool:
-    # cheapest checks first: this runs for every deploy conv of every forward
-    if not fusion_enabled() or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4:
+    # cheapest checks first: this runs for every deploy conv of every forward (the size test
+    # estimates the output from the input, so that small convs pay a few attribute reads only)
+    stride = conv.stride
+    if x.numel() * conv.out_channels < MIN_FUSED_OUTPUT * conv.in_channels * stride[0] * stride[1]:
         return False
-    shape = _output_shape(conv, x)
-    if math.prod(shape) < MIN_FUSED_OUTPUT:
+    if not fusion_enabled() or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4:
         return False
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return False
@@ -90,7 +90,7 @@ def _fusable(conv: nn.Conv2d, x: Tensor, residual: Optional[Tensor]) -> bool:
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling() or _dispatch_mode_active():
         return False
     # the fused add does not broadcast: a residual of another shape takes the plain path
-    return residual is None or tuple(residual.shape) == shape
+    return residual is None or tuple(residual.shape) == _output_shape(conv, x)
 
 
 def conv_act(conv: nn.Conv2d, x: Tensor, act: nn.Module, residual: Optional[Tensor] = None) -> Tensor:

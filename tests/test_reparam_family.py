@@ -121,6 +121,31 @@ def test_large_kernel_31_with_5():
     assert model_relative_error(block, deploy, x) <= 1e-5
 
 
+def test_large_depthwise_kernel_runs_channels_last_on_cpu():
+    """From 15x15 on, torch's NCHW CPU depthwise conv takes a path 40-50x slower than channels_last:
+    the block runs in channels_last whatever its input's layout, with the same values, in both forms
+    and for training (gradients reach the input and every branch)."""
+    block = _randomized(ReparamLargeKernelConv(8, 8, 17, groups=8, small_kernel=5))
+    x = torch.randn(2, 8, 13, 18, requires_grad=True)
+    block.train()
+    out = block(x)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(memory_format=torch.channels_last)
+    out.square().sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in block.parameters())
+    block.eval()
+    with torch.no_grad():
+        expected = block.large(x) + block.small(x)  # the branches on the NCHW input, outside the block
+        deploy = reparameterize_model(block)
+        for form in (block, deploy):
+            y = form(x)
+            assert y.is_contiguous(memory_format=torch.channels_last)
+            assert ((y - expected).abs().max() / expected.abs().max()).item() <= 1e-5
+    small = ReparamLargeKernelConv(8, 8, 13, groups=8, small_kernel=5)  # below the size: left as it comes
+    assert small(torch.randn(1, 8, 9, 9)).is_contiguous()
+    dense = ReparamLargeKernelConv(8, 8, 17, groups=1, small_kernel=5)  # not depthwise: left as it comes
+    assert dense(torch.randn(1, 8, 9, 9)).is_contiguous()
+
+
 def test_dbb_depthwise_and_internal_width():
     """Depthwise DBB has no 1x1 branch, a pool-only average branch and a doubled inner width."""
     dw = DiverseBranchBlock(6, 6, 3, groups=6)

@@ -7,9 +7,9 @@ more passes over the feature map. This is kernel fusion that only the BN-free de
 (the train-time form has its BN in between), and it gives the same tensor as the separate ops.
 
 :func:`conv_act` takes the fused kernel only where it applies and pays: float32 CPU tensors, zero
-padding, outputs of about ``MIN_FUSED_OUTPUT`` elements or more, nothing that needs autograd, and no
-tracing, compiling or dispatch mode (``torch.export`` and ``FlopCounterMode`` must see a plain conv). Everything else, and everything inside ``with fusion(False):``, runs the
-plain ops.
+padding, outputs of about ``MIN_FUSED_OUTPUT`` elements or more, nothing that needs autograd, and
+no tracing, compiling or dispatch mode (``torch.export`` and ``FlopCounterMode`` must see a plain
+conv). Everything else, and everything inside ``with fusion(False):``, runs the plain ops.
 """
 from __future__ import annotations
 

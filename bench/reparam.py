@@ -411,7 +411,8 @@ def bench_model(name: str, args: argparse.Namespace, seed: int) -> ModelResult:
         str(timings.rounds), f"+{100 * timings.spread():.0f}%",
     ]
     return ModelResult(name, row, timings.ratio("train", "deploy"), timings.paired_iqr("train", "deploy"),
-                       timings.ratio("train", "plain"), timings.median_ms("train"), timings.median_ms("deploy"), repmlp_ms, shapes)
+                       timings.ratio("train", "plain"), timings.median_ms("train"), timings.median_ms("deploy"),
+                       repmlp_ms, shapes)
 
 
 def section_models(names: list[str], args: argparse.Namespace, out: Report) -> list[ModelResult]:

@@ -27,6 +27,11 @@ try:  # oneDNN's fused conv (the op Inductor's CPU freezing pass emits); absent 
 except (AttributeError, RuntimeError):
     _POINTWISE = None
 
+try:  # looked up once: the checks below run for every deploy conv of every forward
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+except ImportError:  # pragma: no cover - a torch without it: treat a mode as active, stay on plain ops
+    _get_current_dispatch_mode = None
+
 _AVAILABLE = _POINTWISE is not None and torch.backends.mkldnn.is_available()
 _enabled = True
 # The fused kernel costs a fixed ~5 µs (with a residual) to ~60 µs (without: oneDNN builds the
@@ -57,11 +62,7 @@ def add_act(y: Tensor, residual: Optional[Tensor], act: nn.Module) -> Tensor:
 
 
 def _dispatch_mode_active() -> bool:
-    try:
-        from torch.utils._python_dispatch import _get_current_dispatch_mode
-    except ImportError:  # pragma: no cover - a torch without it: stay on the safe side
-        return True
-    return _get_current_dispatch_mode() is not None
+    return _get_current_dispatch_mode is None or _get_current_dispatch_mode() is not None
 
 
 def _output_shape(conv: nn.Conv2d, x: Tensor) -> tuple[int, ...]:

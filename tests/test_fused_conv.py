@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import backbones
 import backbones.fused_conv as fused_conv
+from backbones import max_relative_error
 from backbones.complexity import count_macs
 from backbones.convbn import ConvBN
 from backbones.fused_conv import conv_act, fusion, fusion_enabled
@@ -37,10 +38,6 @@ def calls(monkeypatch) -> list[str]:
     monkeypatch.setattr(fused_conv, "_POINTWISE", Recorder())
     monkeypatch.setattr(fused_conv, "MIN_FUSED_OUTPUT", 0)  # the test tensors are small
     return made
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def plain(conv: nn.Conv2d, x: torch.Tensor, relu: bool, residual) -> torch.Tensor:
@@ -75,7 +72,7 @@ def test_fused_kernel_equals_the_plain_ops(calls, geometry, layout, relu, with_r
         expected = plain(conv, x, relu, residual)
     assert calls == ["add" if with_residual else "relu"]
     assert fused.shape == out_shape
-    assert rel_err(fused, expected) <= 1e-6
+    assert max_relative_error(expected, fused) <= 1e-6
     if relu:
         assert fused.min() == 0  # the ReLU really ran
 
@@ -139,8 +136,8 @@ def test_deploy_models_run_fused_kernels_with_the_same_outputs(calls, name, chan
     assert "relu" in calls and len(calls) <= relus
     if name.startswith(("repmlp", "resnet")):
         assert "add" in calls  # every residual block ends in one kernel
-    assert rel_err(fused, unfused) <= 1e-6
-    assert rel_err(fused, train_form) <= 1e-4
+    assert max_relative_error(unfused, fused) <= 1e-6
+    assert max_relative_error(train_form, fused) <= 1e-4
     with torch.no_grad():
         macs = count_macs(deploy, model.img_size)
         with fusion(False):
@@ -158,11 +155,11 @@ def test_units_add_the_residual_before_their_activation():
             before = unit(x, residual)
             unit.switch_to_deploy()
             after = unit(x, residual)
-        assert rel_err(before, after) <= 1e-5
+        assert max_relative_error(after, before) <= 1e-5
         if isinstance(unit, ConvBN):
             with torch.no_grad():
                 linear = unit.conv(x)  # the deploy conv, before the ReLU
-            assert rel_err(after, F.relu(linear + residual)) <= 1e-6
+            assert max_relative_error(F.relu(linear + residual), after) <= 1e-6
             assert (after == 0).any()
 
 
@@ -178,5 +175,5 @@ def test_export_and_tracing_see_plain_ops():
     assert "aten.conv2d.default" in targets and not any("mkldnn" in t for t in targets)
     assert "mkldnn" not in str(traced.inlined_graph)
     with torch.no_grad():
-        assert rel_err(exported.module()(x), expected) <= 1e-6
-        assert rel_err(traced(x), expected) <= 1e-6
+        assert max_relative_error(expected, exported.module()(x)) <= 1e-6
+        assert max_relative_error(expected, traced(x)) <= 1e-6

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -139,9 +140,13 @@ def free_port() -> int:
 def gloo_group(rank: int, world_size: int, port: int) -> Iterator[None]:
     """A CPU (gloo) process group on localhost for a spawned worker, one thread per process.
 
-    On the way out every rank meets at a barrier before the group is destroyed: a rank that tore
-    its group down while a peer was still talking to it would abort the peer at exit
-    ("terminate called without an active exception").
+    Leaving, the group is destroyed only when nothing holds it, every rank at once; otherwise gloo
+    aborts a rank at exit ("terminate called without an active exception"):
+    - a ``DistributedDataParallel`` sits in a reference cycle and holds the group: the worker must
+      keep it in a function that returns inside the ``with``, and the cycle is collected here; left
+      to interpreter shutdown, the group's gloo threads die there;
+    - every rank meets at a barrier first: a rank that tore its group down while a peer was still
+      talking to it would abort the peer.
     """
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -149,6 +154,7 @@ def gloo_group(rank: int, world_size: int, port: int) -> Iterator[None]:
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
     try:
         yield
+        gc.collect()
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -211,16 +211,20 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
+def _ddp_step(rank: int, world_size: int, out_dir: str) -> None:
+    model = nn.parallel.DistributedDataParallel(_model())
+    x, y = _global_batch()
+    half = GLOBAL_BATCH // world_size
+    xr, yr = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+    loss = F.cross_entropy(model(xr, yr), yr)
+    loss.backward()
+    if rank == 0:
+        torch.save({"grads": _grads(model.module), "loss": loss.detach()}, Path(out_dir) / "rank0.pt")
+
+
 def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     with gloo_group(rank, world_size, port):
-        model = nn.parallel.DistributedDataParallel(_model())
-        x, y = _global_batch()
-        half = GLOBAL_BATCH // world_size
-        xr, yr = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
-        loss = F.cross_entropy(model(xr, yr), yr)
-        loss.backward()
-        if rank == 0:
-            torch.save({"grads": _grads(model.module), "loss": loss.detach()}, Path(out_dir) / "rank0.pt")
+        _ddp_step(rank, world_size, out_dir)  # returns before the group goes: the DDP model must not outlive it
 
 
 def test_ddp_gradients_equal_single_process(tmp_path):

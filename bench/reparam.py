@@ -391,7 +391,7 @@ def bench_model(name: str, args: argparse.Namespace, seed: int) -> ModelResult:
         with fusion(False):
             return deploy(x)
 
-    # the deploy form as it runs (fused conv kernels) and with plain ops, to show what fusion adds
+    # the deploy form as it runs (fused kernels, packed weights) and with plain ops, to show what those add
     timings = interleaved({"train": lambda: model(x), "deploy": lambda: deploy(x), "plain": deploy_plain},
                           args.repeats, *((TARGET_BUDGET_S, TARGET_REPS) if name == TARGET_MODEL else
                                           (MODEL_BUDGET_S, MODEL_REPS)), after_call=after)
@@ -433,9 +433,10 @@ def section_models(names: list[str], args: argparse.Namespace, out: Report) -> l
         "`backbones.model_relative_error` on a batch of 2 after randomizing every BN's running stats and "
         "affine parameters. Convert: one `backbones.reparameterize_model` call (includes its deep copy). "
         "Latency: medians over interleaved rounds; train/deploy > 1 means the deploy form is faster. The deploy "
-        "form runs each conv with its bias, residual add and ReLU as one oneDNN kernel (`backbones.fused_conv`, "
-        f"{'on' if fusion_enabled() else 'NOT available in this torch build'}); \"plain ops\" times the same "
-        "deploy model with that fusion off (`fusion(False)`), i.e. what BN folding and the merges alone give. "
+        "form runs each conv with its bias, residual add and ReLU as one oneDNN kernel on a weight prepacked once "
+        f"(`backbones.fused_conv`, {'on' if fusion_enabled() else 'NOT available in this torch build'}); "
+        "\"plain ops\" times the same deploy model with that off (`fusion(False)`), i.e. what BN folding and the "
+        "merges alone give. "
         "\"In RepMLP blocks\": median wall time per forward spent inside the RepMLP blocks (forward hooks), "
         "the only part the FC3 formulation can change. Noise: how far the median round lies above the "
         "fastest round (worst variant); tens of percent mean the machine was busy and the row should be re-run.")
@@ -452,7 +453,7 @@ def section_models(names: list[str], args: argparse.Namespace, out: Report) -> l
         lo, hi = target.ratio_iqr
         out(f"**Target**: deploy `{TARGET_MODEL}` >= {TARGET_RATIO:.2f}x faster than its train-time form (eval) at "
             f"batch {TARGET_BATCH}: measured **{target.ratio:.2f}x** (per-round IQR {lo:.2f}–{hi:.2f}) → "
-            f"**{verdict}**{note}; with plain (unfused) ops {target.plain_ratio:.2f}x")
+            f"**{verdict}**{note}; with plain ops {target.plain_ratio:.2f}x")
         if target.repmlp_ms is not None:
             rt, rd = target.repmlp_ms
             ceiling = target.train_ms / max(target.deploy_ms - rd, 1e-9)

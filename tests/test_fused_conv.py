@@ -1,6 +1,9 @@
-"""The deploy-time fused conv + bias (+ residual) + ReLU kernel: same outputs as the plain ops, taken
-only where it applies, and actually taken by the deploy models."""
+"""The deploy-time fused conv + bias (+ residual) + ReLU kernel on a prepacked weight: same outputs as
+the plain ops, taken only where it applies, repacked when the weight changes, and actually taken by
+the deploy models."""
 from __future__ import annotations
+
+import gc
 
 import pytest
 import torch
@@ -22,13 +25,13 @@ needs_onednn = pytest.mark.skipif(not fusion_enabled(), reason="this torch build
 
 @pytest.fixture
 def calls(monkeypatch) -> list[str]:
-    """Records each call of the fused kernel (``"relu"`` or ``"add"``) and runs it."""
+    """Records each call of the fused kernel (``"relu"``, ``"none"`` or ``"add"``) and runs it."""
     made: list[str] = []
     op = fused_conv._POINTWISE
 
     class Recorder:
         def __call__(self, *args):
-            made.append("relu")
+            made.append(args[7])  # the post-op: "relu" or "none"
             return op(*args)
 
         def binary(self, *args):
@@ -56,7 +59,7 @@ GEOMETRIES = [  # in, out, kernel, stride, dilation, groups, size
 @needs_onednn
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{g[0]}-{g[1]}-k{g[2]}s{g[3]}d{g[4]}g{g[5]}")
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
-@pytest.mark.parametrize("relu, with_residual", [(True, False), (True, True), (False, True)])
+@pytest.mark.parametrize("relu, with_residual", [(True, False), (True, True), (False, True), (False, False)])
 def test_fused_kernel_equals_the_plain_ops(calls, geometry, layout, relu, with_residual):
     cin, cout, k, stride, dilation, groups, size = geometry
     conv = nn.Conv2d(cin, cout, k, stride, dilation * (k // 2), dilation, groups, bias=True).eval()
@@ -70,7 +73,7 @@ def test_fused_kernel_equals_the_plain_ops(calls, geometry, layout, relu, with_r
     with torch.inference_mode():
         fused = conv_act(conv, x, act, residual)
         expected = plain(conv, x, relu, residual)
-    assert calls == ["add" if with_residual else "relu"]
+    assert calls == ["add" if with_residual else "relu" if relu else "none"]
     assert fused.shape == out_shape
     assert max_relative_error(expected, fused) <= 1e-6
     if relu:
@@ -101,7 +104,10 @@ def test_plain_path_where_the_kernel_does_not_apply(calls):
         reflect = nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect")
         assert torch.allclose(conv_act(reflect, x, relu), F.relu(reflect(x)))
         conv_act(conv, x, nn.GELU())  # an activation the kernel does not fuse
-        conv_act(conv, x, nn.Identity())  # nothing to fuse
+        inference = nn.Conv2d(4, 6, 3, padding=1)
+        with torch.inference_mode():
+            inference.weight = nn.Parameter(inference.weight.clone())  # keeps no version counter
+        assert torch.allclose(conv_act(inference, x, relu), F.relu(inference(x)))
         with fusion(False):
             conv_act(conv, x, relu, residual)
         fused_conv.MIN_FUSED_OUTPUT = 2 * 6 * 7 * 5 + 1  # restored by monkeypatch
@@ -113,6 +119,43 @@ def test_plain_path_where_the_kernel_does_not_apply(calls):
     with torch.no_grad():
         conv_act(conv, x, relu)
     assert calls == ["relu"]  # and the switch is back on after the block
+
+
+@needs_onednn
+def test_packed_weight_is_reused_and_rebuilt_when_the_weight_changes(calls):
+    torch.manual_seed(3)
+    conv = nn.Conv2d(6, 8, 3, padding=1).eval()
+    x = torch.randn(2, 6, 9, 7)
+
+    def check() -> torch.Tensor:
+        with torch.no_grad():
+            out = conv_act(conv, x, nn.ReLU())
+            assert max_relative_error(F.relu(conv(x)), out) <= 1e-6
+        return fused_conv._PACKED[conv][1]
+
+    first = check()
+    assert check() is first  # reused, not reordered per call
+    y = torch.randn(3, 6, 12, 5)  # another input size runs on the same packed weight
+    with torch.no_grad():
+        assert max_relative_error(F.relu(conv(y)), conv_act(conv, y, nn.ReLU())) <= 1e-6
+    assert fused_conv._PACKED[conv][1] is first
+    with torch.no_grad():
+        conv.weight.mul_(-2)  # in-place write, as optimizers and initializers do
+    assert check() is not first
+    conv.load_state_dict({"weight": torch.randn(8, 6, 3, 3), "bias": torch.randn(8)})
+    second = check()
+    conv.weight = nn.Parameter(torch.randn(8, 6, 3, 3))  # another tensor
+    assert check() is not second
+    with torch.no_grad():
+        conv.weight.data.mul_(3)  # bypasses the version counter: documented, cleared by hand
+        fused_conv.clear_packed_weights()
+    check()
+    assert len(calls) == 7
+
+    count = fused_conv.packed_weight_count()
+    del conv
+    gc.collect()
+    assert fused_conv.packed_weight_count() == count - 1  # the packed copy goes with its conv
 
 
 @needs_onednn
@@ -133,9 +176,10 @@ def test_deploy_models_run_fused_kernels_with_the_same_outputs(calls, name, chan
         fused = deploy(x)
         train_form = model(x)
     relus = sum(isinstance(m, nn.ReLU) for m in deploy.modules())
-    assert "relu" in calls and len(calls) <= relus
+    assert "relu" in calls and len(calls) - calls.count("none") <= relus
     if name.startswith(("repmlp", "resnet")):
         assert "add" in calls  # every residual block ends in one kernel
+        assert "none" in calls  # and its projection shortcut is one too
     assert max_relative_error(unfused, fused) <= 1e-6
     assert max_relative_error(train_form, fused) <= 1e-4
     with torch.no_grad():

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import fnmatch
 import math
 import os
@@ -346,6 +347,7 @@ class ModelResult:
     ratio: Optional[float] = None
     ratio_iqr: Optional[tuple[float, float]] = None
     plain_ratio: Optional[float] = None  # train-form / deploy form run with plain (unfused) ops
+    other_layout: Optional[tuple[str, float, float]] = None  # target only: train form in the other layout, ms, ratio
     train_ms: Optional[float] = None
     deploy_ms: Optional[float] = None
     repmlp_ms: Optional[tuple[float, float]] = None  # time inside RepMLP blocks: train, deploy
@@ -372,6 +374,12 @@ def bench_model(name: str, args: argparse.Namespace, seed: int) -> ModelResult:
 
     progress(f"{name}: time train-form (eval) vs deploy at batch {args.batch}")
     x = torch.randn(args.batch, in_chans, *size)
+    # the target's train form also in the other layout (copied before the clocks hook it): the
+    # deploy form's fused convs return channels_last whatever the input, so it must also beat the
+    # train form in its faster layout
+    other_layout = torch.contiguous_format if args.channels_last else torch.channels_last
+    train_other = copy.deepcopy(model).to(memory_format=other_layout) if name == TARGET_MODEL else None
+    x_other = x.contiguous(memory_format=other_layout)
     if args.channels_last:
         model, deploy = model.to(memory_format=torch.channels_last), deploy.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -392,7 +400,10 @@ def bench_model(name: str, args: argparse.Namespace, seed: int) -> ModelResult:
             return deploy(x)
 
     # the deploy form as it runs (fused kernels, packed weights) and with plain ops, to show what those add
-    timings = interleaved({"train": lambda: model(x), "deploy": lambda: deploy(x), "plain": deploy_plain},
+    variants = {"train": lambda: model(x), "deploy": lambda: deploy(x), "plain": deploy_plain}
+    if train_other is not None:
+        variants["train_other"] = lambda: train_other(x_other)
+    timings = interleaved(variants,
                           args.repeats, *((TARGET_BUDGET_S, TARGET_REPS) if name == TARGET_MODEL else
                                           (MODEL_BUDGET_S, MODEL_REPS)), after_call=after)
     for clock in clocks.values():
@@ -410,8 +421,12 @@ def bench_model(name: str, args: argparse.Namespace, seed: int) -> ModelResult:
         f"{repmlp_ms[0]:.1f} / {repmlp_ms[1]:.1f}" if repmlp_ms else "–",
         str(timings.rounds), f"+{100 * timings.spread():.0f}%",
     ]
+    other = None
+    if train_other is not None:
+        other = ("NCHW" if args.channels_last else "channels_last", timings.median_ms("train_other"),
+                 timings.ratio("train_other", "deploy"))
     return ModelResult(name, row, timings.ratio("train", "deploy"), timings.paired_iqr("train", "deploy"),
-                       timings.ratio("train", "plain"), timings.median_ms("train"), timings.median_ms("deploy"),
+                       timings.ratio("train", "plain"), other, timings.median_ms("train"), timings.median_ms("deploy"),
                        repmlp_ms, shapes)
 
 
@@ -446,14 +461,18 @@ def section_models(names: list[str], args: argparse.Namespace, out: Report) -> l
         out(f"**Target** (deploy `{TARGET_MODEL}` >= {TARGET_RATIO}x faster than its train-time form): "
             "not measured in this run (model not selected).")
     else:
-        verdict = "PASS" if target.ratio >= TARGET_RATIO else "FAIL"
         notes = [f"measured at batch {args.batch}, the target is at batch {TARGET_BATCH}"] if args.batch != TARGET_BATCH else []
         notes += ["both forms in channels_last"] if args.channels_last else []
         note = f" (note: {'; '.join(notes)})" if notes else ""
         lo, hi = target.ratio_iqr
+        layout, other_ms, other_ratio = target.other_layout
+        strict = min(target.ratio, other_ratio)
+        verdict = "PASS" if strict >= TARGET_RATIO else "FAIL"
         out(f"**Target**: deploy `{TARGET_MODEL}` >= {TARGET_RATIO:.2f}x faster than its train-time form (eval) at "
-            f"batch {TARGET_BATCH}: measured **{target.ratio:.2f}x** (per-round IQR {lo:.2f}–{hi:.2f}) → "
-            f"**{verdict}**{note}; with plain ops {target.plain_ratio:.2f}x")
+            f"batch {TARGET_BATCH}: measured **{target.ratio:.2f}x** (per-round IQR {lo:.2f}–{hi:.2f}); with plain "
+            f"ops {target.plain_ratio:.2f}x{note}. The same train form run in {layout} (input and weights) took "
+            f"{other_ms:.1f} ms against {target.train_ms:.1f} ms; deploy is {other_ratio:.2f}x faster than that. "
+            f"Against the train form in its faster layout: **{strict:.2f}x → {verdict}**.")
         if target.repmlp_ms is not None:
             rt, rd = target.repmlp_ms
             ceiling = target.train_ms / max(target.deploy_ms - rd, 1e-9)
@@ -462,7 +481,8 @@ def section_models(names: list[str], args: argparse.Namespace, out: Report) -> l
                 f"({100 * rd / target.deploy_ms:.1f}%) inside its RepMLP blocks (train form: {rt:.1f} of "
                 f"{target.train_ms:.1f} ms). Even RepMLP blocks that took no time at all would give "
                 f"train/deploy = {target.train_ms:.1f} / {target.deploy_ms - rd:.1f} = {ceiling:.2f}x; the rest of "
-                f"the gap is what the conversion removes outside them (BN passes folded into the convs).")
+                f"the gap is what the deploy form saves outside them (BN passes folded into the convs, fused "
+                f"kernels on prepacked weights).")
     out()
     return results
 

@@ -11,8 +11,10 @@ grouped 1x1 conv (or batched matmul) acting on a flattened ``(C, h, w)`` partiti
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Optional
 
 import torch
@@ -255,8 +257,11 @@ def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
 
     Puts the model in eval mode (BN folding uses running statistics), walks top-down from the
     root and calls each block's conversion once; children are visited after their parent
-    converted, so nested blocks are neither missed nor converted twice. Deep-copies the model
-    unless ``inplace``. Raises if the model contains SyncBatchNorm, which must be reverted first
+    converted, so nested blocks are not missed. A block may also be converted by its parent
+    (this project's composite blocks, or a third-party root such as MMPretrain's RepMLPNet,
+    whose ``switch_to_deploy`` calls its blocks' ``local_inject``): while the walk runs, each
+    module's conversion methods run at most once, whoever calls them, because third-party ones
+    are often not idempotent. Deep-copies the model unless ``inplace``. Raises if the model contains SyncBatchNorm, which must be reverted first
     (Lightning does so at the end of fit; ``nn.SyncBatchNorm`` is not a ``BatchNorm2d``).
     """
     sync = _sync_bn_names(model)
@@ -269,9 +274,49 @@ def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), _each_conversion_once(model):
         _convert_tree(model)
     return model
+
+
+class _RunOnce:
+    """One module's conversion state during a walk: its methods (all aliases) run once."""
+
+    def __init__(self) -> None:
+        self.running = self.done = False
+
+    def guard(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            if self.done:
+                return None
+            if self.running:  # an alias calling another (reparameterize -> switch_to_deploy)
+                return method(*args, **kwargs)
+            self.running = True
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.running, self.done = False, True
+
+        return guarded
+
+
+@contextlib.contextmanager
+def _each_conversion_once(model: nn.Module) -> Iterator[None]:
+    """Shadow every conversion method in ``model`` by a run-once guard (an instance attribute,
+    removed on exit, so nothing of it outlives the walk)."""
+    guarded: list[tuple[nn.Module, str]] = []
+    for module in model.modules():
+        names = [name for name in REPARAM_METHODS if callable(getattr(module, name, None))]
+        state = _RunOnce()
+        for name in names:
+            module.__dict__[name] = state.guard(getattr(module, name))
+            guarded.append((module, name))
+    try:
+        yield
+    finally:
+        for module, name in guarded:
+            module.__dict__.pop(name, None)
 
 
 def _convert_tree(module: nn.Module) -> None:

@@ -159,6 +159,42 @@ def test_walker_accepts_other_conventions_once():
     assert find_reparam_method(nn.ReLU()) is None
 
 
+class InjectingBlock(nn.Module):
+    """MMPretrain RepMLPBlock convention: ``local_inject``, not idempotent."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(2)
+
+    def local_inject(self):
+        del self.bn  # a second call raises AttributeError
+
+
+class InjectingNet(nn.Module):
+    """MMPretrain RepMLPNet convention: the root's ``switch_to_deploy`` converts its blocks itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(InjectingBlock(), nn.Sequential(InjectingBlock()))
+
+    def switch_to_deploy(self):
+        for m in self.modules():
+            if hasattr(m, "local_inject"):
+                m.local_inject()
+
+
+@pytest.mark.parametrize("wrap", ["bare", "inside_a_reparam_block"])
+def test_walker_runs_each_conversion_once_whoever_calls_it(wrap):
+    net = InjectingNet()
+    model = net if wrap == "bare" else CountingBlock(nn.Sequential(net, ThirdPartyBlock()))
+    reparameterize_model(model, inplace=True)  # a second local_inject or reparameterize would raise
+    assert not any(hasattr(m, "bn") for m in net.blocks.modules())
+    # the guards are gone afterwards: the modules' methods are their classes' again
+    assert all(not set(m.__dict__) & {"switch_to_deploy", "reparameterize", "local_inject"} for m in model.modules())
+    if wrap != "bare":
+        assert model.calls == 1 and model.inner[1].converted == 1
+
+
 def test_walker_refuses_sync_batchnorm():
     model = nn.Sequential(ConvBN(3, 4, 3), ConvBN(4, 4, 3))
     model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

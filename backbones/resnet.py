@@ -18,13 +18,33 @@ from .classifier import PooledClassifier
 from .conv_types import ConvType, make_conv
 from .convbn import ConvBN
 from .dbb import BNAndPad
-from .registry import register_model
+from .registry import register_model, to_pair
 from .repmlp import RepMLP
 from .repmlp_blocks import RepMLPBottleneck, RepMLPLight
 from .reparam_block import ReparamBlock
 
 Size = tuple[int, int]
 
+
+
+def _check_partition_fits(img_size: Size, stage_sizes: list[Size], strides: tuple[int, ...],
+                          has_repmlp: list[bool], partition: Size) -> None:
+    """The error a RepMLP block would raise for its feature map, told in terms of ``img_size``."""
+    # an img_size that is a multiple of partition x (total stride) fits every RepMLP stage
+    multiple = [1, 1]
+    for i, repmlp in enumerate(has_repmlp):
+        if repmlp:
+            total_stride = 4 * math.prod(strides[:i + 1])
+            multiple = [math.lcm(m, p * total_stride) for m, p in zip(multiple, partition)]
+    for i, repmlp in enumerate(has_repmlp):
+        size = stage_sizes[i]
+        if repmlp and (size[0] % partition[0] or size[1] % partition[1]):
+            raise ValueError(
+                f"ResNet: img_size {img_size[0]}x{img_size[1]} gives a {size[0]}x{size[1]} feature map in RepMLP "
+                f"stage c{i + 2}, which is not a multiple of the partition {partition[0]}x{partition[1]}; use an "
+                f"img_size whose height is a multiple of {multiple[0]} and width a multiple of {multiple[1]}, "
+                "or pass pad_input=True"
+            )
 
 
 def _shortcut(in_channels: int, out_channels: int, stride: int, deploy: bool) -> nn.Module:
@@ -172,12 +192,18 @@ class ResNet(PooledClassifier):
         self.maxpool = nn.MaxPool2d(3, 2, 1)
 
         size = tuple(math.ceil(s / 4) for s in self.img_size)  # stem and maxpool halve twice (ceil)
-        in_channels = stem_width
         self.stage_sizes: list[Size] = []
+        for stride in strides:
+            size = tuple(math.ceil(s / stride) for s in size)
+            self.stage_sizes.append(size)
+        if not pad_input:
+            _check_partition_fits(self.img_size, self.stage_sizes, strides,
+                                  [i + 2 in repmlp_stages and layers[i] > 1 for i in range(4)], to_pair(partition))
+
+        in_channels = stem_width
         for i in range(4):
             stage_no = i + 2
-            size = tuple(math.ceil(s / strides[i]) for s in size)
-            self.stage_sizes.append(size)
+            size = self.stage_sizes[i]
             dilation = dilations[i]
             blocks: list[nn.Module] = []
             mid = widths[i] // bottleneck_ratio

@@ -209,8 +209,11 @@ def test_padding_mode_model():
     model = randomize_bn(create("repmlp_res_tiny", img_size=(72, 56), partition=(3, 5), pad_input=True)).eval()
     x = torch.randn(2, 3, 72, 56)
     assert model_relative_error(model, reparameterize_model(model), x) <= 1e-4
-    with pytest.raises(ValueError, match="not a multiple of the partition"):
+    # named in terms of what the user set: img_size, the stage, and the sizes that would fit every stage
+    with pytest.raises(ValueError, match=r"img_size 72x56 gives a 9x7 feature map in RepMLP stage c3, which is not "
+                                         r"a multiple of the partition 3x5.*multiple of 48 .* multiple of 80"):
         create("repmlp_res_tiny", img_size=(72, 56), partition=(3, 5))
+    create("repmlp_res_tiny", img_size=(48, 80), partition=(3, 5))
 
 
 def test_wrong_image_size_names_both_sizes():

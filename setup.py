@@ -11,7 +11,11 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["backbones", "backbones.*", "tasks", "tasks.*", "datamodules",
-                                    "datamodules.*", "callbacks", "callbacks.*"]),
+                                    "datamodules.*", "callbacks", "callbacks.*"]) + ["tasks.configs"],
+    # a non-editable install ships configs/ as tasks/configs (tasks.cli looks there when there is
+    # no source tree beside the package)
+    package_dir={"tasks.configs": "configs"},
+    package_data={"tasks.configs": ["*/*.yaml"]},
     # torch is a range, not a pin: install the build for your machine first (README), and pip
     # keeps it; an unpinned request on a machine without torch would pull the CUDA build.
     install_requires=[

@@ -34,7 +34,13 @@ from .checkpoint_io import CheckedCheckpointIO
 
 __all__ = ["TaskCLI", "CONFIG_DIR", "DEFAULT_SEED"]
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _config_dir() -> Path:
+    source_tree = Path(__file__).resolve().parent.parent / "configs"  # a checkout (editable install)
+    return source_tree if source_tree.is_dir() else Path(__file__).resolve().parent / "configs"  # a wheel
+
+
+CONFIG_DIR = _config_dir()
 DEFAULT_SEED = 42
 
 
@@ -74,6 +80,11 @@ class TaskCLI(LightningCLI):
         argv = sys.argv[1:] if args is None else list(args)
         parser_kwargs: dict[str, Any] = kwargs.pop("parser_kwargs", {})
         if demo_config is not None and not _has_config(argv):
+            if not Path(demo_config).is_file():  # jsonargparse would silently run without it
+                raise FileNotFoundError(
+                    f"the demo config {demo_config} is missing (it ships in configs/ of the source tree and in "
+                    "the package); reinstall the package, or pass --config FILE"
+                )
             for sub in self.subcommands():
                 parser_kwargs.setdefault(sub, {}).setdefault("default_config_files", [str(demo_config)])
         super().__init__(

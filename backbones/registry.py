@@ -27,7 +27,8 @@ def list_models(pattern: str = "*") -> list[str]:
 
 def create(name: str, **kwargs: Any) -> nn.Module:
     """Build the registered model ``name``; ``kwargs`` override the factory's defaults
-    (every factory takes ``num_classes`` and ``deploy``)."""
+    (every factory takes ``num_classes`` and ``deploy``; face backbones accept only
+    ``num_classes=0``, as their identity classifier is the face task's margin head)."""
     if name not in _FACTORIES:
         raise KeyError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
     return _FACTORIES[name](**kwargs)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .mobilefacenet import check_embedding_only
 from .registry import register_model
+from .repmlp import Kernels
 from .reparam import fuse_bn, fuse_bn_before_linear
 from .reparam_block import ReparamBlock, assign_parameter
 from .resnet import ResNet
@@ -86,7 +87,7 @@ class FaceResNet(ReparamBlock):
         dropout: float = 0.0,
         repmlp_stages: tuple[int, ...] = (),
         partition: int | tuple[int, int] = 6,
-        kernels: tuple[int, ...] = (1, 3, 5),
+        kernels: Kernels = (1, 3, 5),
         groups: tuple[int, int, int, int] = (4, 4, 4, 1),
         bottleneck_r: tuple[int, int, int, int] = (2, 2, 2, 1),
         fc1_reduction: tuple[int, int, int, int] = (1, 1, 1, 1),

@@ -8,7 +8,8 @@ Train time, on an input ``(N, C, H, W)`` cut into ``hp x wp`` partitions of ``h 
 - Partition Perceptron: a grouped FC (``fc3``) from each flattened ``(C, h, w)`` partition to
   ``(O, h, w)``, then BN;
 - Local Perceptron: for each k in ``kernels``, a k x k grouped conv + BN applied to each
-  partition separately (zero padding inside the partition), summed into the FC output.
+  partition separately (zero padding inside the partition), summed into the FC output; a
+  ``(kh, kw)`` pair gives a non-square kernel (e.g. to fit a partition with h != w).
 
 Deploy time: the GP's BN is folded into fc1 and every local conv and BN into a biased fc3,
 so the block is pure FC layers. Both forms compute the same function in eval mode.
@@ -30,7 +31,20 @@ from .registry import to_pair
 # The deploy-time FC3 formulation measured fastest by bench/reparam.py on CPU (see README).
 Fc3Impl = Literal["bmm", "conv"]
 DEFAULT_FC3_IMPL: Fc3Impl = "bmm"
+# Local Perceptron kernels: k (k x k) or (kh, kw)
+Kernels = tuple[int | tuple[int, int], ...]
 
+
+def _kernel_entry(k: object, kernels: object) -> int | tuple[int, int]:
+    """One ``kernels`` entry as given (``k`` or ``(kh, kw)``), with ints checked."""
+    try:
+        if isinstance(k, (tuple, list)):
+            if len(k) != 2:
+                raise ValueError
+            return int(k[0]), int(k[1])
+        return int(k)
+    except (TypeError, ValueError):
+        raise ValueError(f"RepMLP: kernel size {k!r} in kernels={kernels!r} must be an int k or a pair (kh, kw)") from None
 
 
 class RepMLP(ReparamBlock):
@@ -41,7 +55,8 @@ class RepMLP(ReparamBlock):
         out_channels: O (may differ from C).
         input_size: ``(H, W)`` the block is built for; other sizes raise an error.
         partition: ``(h, w)`` partition size.
-        kernels: odd kernel sizes of the Local Perceptron, each at most ``min(h, w)``; ``()`` for none.
+        kernels: odd kernel sizes of the Local Perceptron, ``k`` or ``(kh, kw)``, with
+            ``kh <= h`` and ``kw <= w``; ``()`` for none.
         groups: groups of fc3 and of the local convs; must divide C and O.
         fc1_reduction: the GP's hidden width is ``C * hp * wp // fc1_reduction``.
         pad_input: accept ``H, W`` that are not multiples of ``(h, w)`` by zero-padding the
@@ -56,7 +71,7 @@ class RepMLP(ReparamBlock):
         out_channels: int,
         input_size: int | tuple[int, int],
         partition: int | tuple[int, int],
-        kernels: tuple[int, ...] = (1, 3, 5),
+        kernels: Kernels = (1, 3, 5),
         groups: int = 1,
         fc1_reduction: int = 1,
         pad_input: bool = False,
@@ -67,7 +82,7 @@ class RepMLP(ReparamBlock):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.input_size = to_pair(input_size)
         self.partition = to_pair(partition)
-        self.kernels = tuple(int(k) for k in kernels)
+        self.kernels = tuple(_kernel_entry(k, kernels) for k in kernels)
         self.groups = groups
         self.pad_input = pad_input
         self.fc3_impl = fc3_impl
@@ -95,8 +110,8 @@ class RepMLP(ReparamBlock):
             self.fc3_bn = nn.BatchNorm1d(out_channels * h * w)
             self.local = nn.ModuleDict(
                 {
-                    f"{k}x{k}": ConvBN(in_channels, out_channels, k, padding=k // 2, groups=groups)
-                    for k in self.kernels
+                    f"{kh}x{kw}": ConvBN(in_channels, out_channels, (kh, kw), groups=groups)
+                    for kh, kw in map(to_pair, self.kernels)
                 }
             )
 
@@ -108,12 +123,13 @@ class RepMLP(ReparamBlock):
         if min(H, W, h, w) < 1:
             raise ValueError(f"RepMLP: input_size {H}x{W} and partition {h}x{w} must be positive")
         for k in self.kernels:
-            if k % 2 == 0 or k < 1:
+            kh, kw = to_pair(k)
+            if min(kh, kw) < 1 or kh % 2 == 0 or kw % 2 == 0:
                 raise ValueError(f"RepMLP: kernel size {k} in kernels={self.kernels} must be a positive odd number")
-            if k > min(h, w):
+            if kh > h or kw > w:
                 raise ValueError(
                     f"RepMLP: kernel size {k} is larger than the {h}x{w} partition; "
-                    "the Local Perceptron needs k <= h and k <= w"
+                    "the Local Perceptron needs kh <= h and kw <= w"
                 )
         if (H % h or W % w) and not self.pad_input:
             raise ValueError(

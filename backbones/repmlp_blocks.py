@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .convbn import ConvBN
-from .repmlp import DEFAULT_FC3_IMPL, Fc3Impl, RepMLP
+from .repmlp import DEFAULT_FC3_IMPL, Fc3Impl, Kernels, RepMLP
 from .reparam_block import ReparamBlock
 
 
@@ -33,7 +33,7 @@ class RepMLPBottleneck(ReparamBlock):
         input_size: int | tuple[int, int],
         partition: int | tuple[int, int],
         r: int = 2,
-        kernels: tuple[int, ...] = (1, 3, 5),
+        kernels: Kernels = (1, 3, 5),
         groups: int = 1,
         fc1_reduction: int = 1,
         pad_input: bool = False,
@@ -72,7 +72,7 @@ class RepMLPLight(ReparamBlock):
         out_channels: int,
         input_size: int | tuple[int, int],
         partition: int | tuple[int, int],
-        kernels: tuple[int, ...] = (1, 3, 5),
+        kernels: Kernels = (1, 3, 5),
         groups: int = 1,
         fc1_reduction: int = 1,
         pad_input: bool = False,

@@ -19,7 +19,7 @@ from .conv_types import ConvType, make_conv
 from .convbn import ConvBN
 from .dbb import BNAndPad
 from .registry import register_model, to_pair
-from .repmlp import RepMLP
+from .repmlp import Kernels, RepMLP
 from .repmlp_blocks import RepMLPBottleneck, RepMLPLight
 from .reparam_block import ReparamBlock
 
@@ -126,7 +126,7 @@ class ResNet(PooledClassifier):
         repmlp_stages: stage numbers (2..5) whose blocks after the first are RepMLP blocks.
         repmlp_block: ``"bottleneck"`` or ``"light"``.
         partition: RepMLP partition ``(h, w)``.
-        kernels: Local Perceptron kernel sizes.
+        kernels: Local Perceptron kernel sizes, k or (kh, kw).
         groups: RepMLP fc3/conv groups per stage (the paper's "g8/16" is ``(1, 8, 16, 1)``).
         bottleneck_r: channel reduction around the RepMLP block per stage (bottleneck only).
         fc1_reduction: Global Perceptron hidden-width reduction per stage.
@@ -153,7 +153,7 @@ class ResNet(PooledClassifier):
         repmlp_stages: tuple[int, ...] = (),
         repmlp_block: Literal["bottleneck", "light"] = "bottleneck",
         partition: int | tuple[int, int] = 7,
-        kernels: tuple[int, ...] = (1, 3, 5),
+        kernels: Kernels = (1, 3, 5),
         groups: tuple[int, int, int, int] = (1, 1, 1, 1),
         bottleneck_r: tuple[int, int, int, int] = (1, 1, 1, 1),
         fc1_reduction: tuple[int, int, int, int] = (1, 1, 1, 1),

@@ -205,6 +205,17 @@ def test_dilated_deep_stem_variant_converts():
     assert model_relative_error(model, reparameterize_model(model), x) <= 1e-4
 
 
+def test_non_square_kernels_model_and_deploy_build():
+    kwargs = dict(img_size=(64, 96), partition=(4, 6), kernels=(1, (3, 5), (1, 3)))
+    model = randomize_bn(create("repmlp_res_tiny", **kwargs)).eval()
+    x = torch.randn(2, 3, 64, 96)
+    deploy = reparameterize_model(model)
+    assert model_relative_error(model, deploy, x) <= 1e-4
+    built = create("repmlp_res_tiny", deploy=True, **kwargs).eval()
+    built.load_state_dict(deploy.state_dict(), strict=True)
+    assert model_relative_error(deploy, built, x) == 0.0
+
+
 def test_padding_mode_model():
     model = randomize_bn(create("repmlp_res_tiny", img_size=(72, 56), partition=(3, 5), pad_input=True)).eval()
     x = torch.randn(2, 3, 72, 56)

@@ -20,8 +20,16 @@ MATRIX = [
     (4, 4, (10, 12), (5, 6), (), 1, 1, False),             # no Local Perceptron
     (8, 8, (13, 11), (7, 5), (1, 3, 5), 2, 2, True),       # padding mode, non-divisible
     (8, 4, (5, 9), (4, 4), (1, 3), 4, 1, True),            # padding mode, tiny odd input
+    (8, 16, (14, 10), (7, 5), (1, (3, 5), (7, 3), (1, 5)), 2, 1, False),  # non-square kernels, C < O
+    (8, 8, (13, 11), (7, 5), ((5, 1), (3, 5)), 4, 2, True),  # non-square kernels, padding mode
 ]
-IDS = [f"C{c}-O{o}-{H}x{W}-p{h}x{w}-K{''.join(map(str, k)) or 'none'}-g{g}-r{r}{'-pad' if p else ''}"
+
+
+def _kernels_id(kernels):
+    return "_".join(str(k) if isinstance(k, int) else f"{k[0]}x{k[1]}" for k in kernels) or "none"
+
+
+IDS = [f"C{c}-O{o}-{H}x{W}-p{h}x{w}-K{_kernels_id(k)}-g{g}-r{r}{'-pad' if p else ''}"
        for c, o, (H, W), (h, w), k, g, r, p in MATRIX]
 
 
@@ -131,6 +139,18 @@ def test_kernel_larger_than_partition():
 def test_even_kernel():
     with pytest.raises(ValueError, match=r"kernel size 4 .* odd"):
         RepMLP(8, 8, (14, 14), (7, 7), kernels=(1, 4))
+    with pytest.raises(ValueError, match=r"kernel size \(3, 2\) .* odd"):
+        RepMLP(8, 8, (14, 14), (7, 7), kernels=(1, (3, 2)))
+
+
+@pytest.mark.parametrize("kernel,message", [
+    ((3, 7), r"kernel size \(3, 7\) is larger than the 7x5 partition; .* kh <= h and kw <= w"),
+    ((1, 3, 5), r"kernel size \(1, 3, 5\) .* an int k or a pair \(kh, kw\)"),
+    ("x", r"kernel size 'x' .* an int k or a pair"),
+])
+def test_bad_non_square_kernel(kernel, message):
+    with pytest.raises(ValueError, match=message):
+        RepMLP(8, 8, (14, 10), (7, 5), kernels=(1, kernel))
 
 
 @pytest.mark.parametrize("C,O,g", [(8, 6, 4), (6, 8, 4), (8, 8, 3)])

@@ -7,7 +7,9 @@ Run ``python -m bench.reparam [--models GLOB ...] [--batch 8] [--repeats N] [--t
    of the train-time and deploy forms, multiply-adds of the deploy form at the model's native
    resolution (batch 1, ``torch.utils.flop_counter.FlopCounterMode``), the max relative error of
    the conversion (BN statistics and affine parameters randomized first), the conversion time, and
-   the CPU forward latency of the train-time form (eval mode) vs the deploy form;
+   the CPU forward latency of the train-time form (eval mode) vs the deploy form; for the target
+   model also the train form in the other memory layout, the verdict against the faster one, and
+   where the time goes (inside RepMLP blocks; inside conv kernels, against this machine's matmul rate);
 2. ResNet-50 vs the deploy RepMLP-Res50 models (224) in images/s;
 3. the deploy RepMLP block alone, one row per block shape of the selected models, with every
    exact FC3 formulation we know of timed side by side (each is checked against the block first);
@@ -43,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 import backbones
 from backbones.complexity import count_macs, count_params, input_channels
@@ -190,6 +194,51 @@ class BlockClock:
 
 
 # ============================================================================ helpers
+@dataclass
+class ConvProfile:
+    """One model's forward under ``torch.profiler``: wall ms, ms inside conv ops, conv MACs."""
+
+    wall_ms: float
+    conv_ms: float
+    conv_macs: int
+
+    @property
+    def gmacs_per_s(self) -> float:
+        return self.conv_macs / self.conv_ms / 1e6 if self.conv_ms else float("nan")
+
+
+def conv_profile(model: nn.Module, x: Tensor, runs: int = 3) -> ConvProfile:
+    """Per forward: wall time under the profiler, self time of every op with "convolution" in
+    its name (plain ``aten::mkldnn_convolution`` and the fused ``mkldnn::_convolution_pointwise``
+    alike, with their dispatch wrappers), and the convs' multiply-adds (``FlopCounterMode``)."""
+    with torch.inference_mode():
+        model(x)  # warm: packs the deploy weights
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for _ in range(runs):
+                model(x)
+            wall = (time.perf_counter() - start) / runs
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    conv_us = sum(e.self_cpu_time_total for e in prof.key_averages() if "convolution" in e.key)
+    counts = counter.get_flop_counts().get("Global", {})  # absent when nothing was counted
+    macs = sum(n for op, n in counts.items() if "convolution" in str(op)) // 2
+    return ConvProfile(wall * 1e3, conv_us / runs / 1e3, macs)
+
+
+def matmul_gmacs_per_s(n: int = 2048, runs: int = 5) -> float:
+    """This machine's fp32 matrix-multiply rate (an n x n x n matmul, median of ``runs``):
+    the practical ceiling of a convolution's multiply-adds per second on it."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return n ** 3 / statistics.median(times) / 1e9
+
+
 def randomize_bn(model: nn.Module, seed: int) -> nn.Module:
     """Non-trivial BN running statistics and affine parameters, so the conversion check means something."""
     gen = torch.Generator().manual_seed(seed)
@@ -351,6 +400,7 @@ class ModelResult:
     train_ms: Optional[float] = None
     deploy_ms: Optional[float] = None
     repmlp_ms: Optional[tuple[float, float]] = None  # time inside RepMLP blocks: train, deploy
+    convs: Optional[tuple[str, ConvProfile, ConvProfile]] = None  # target only: faster train layout, train, deploy
     shapes: list[tuple[BlockShape, str]] = field(default_factory=list)
 
 
@@ -423,12 +473,18 @@ def bench_model(name: str, args: argparse.Namespace, seed: int) -> ModelResult:
         f"{repmlp_ms[0]:.1f} / {repmlp_ms[1]:.1f}" if repmlp_ms else "–",
         str(timings.rounds), f"+{100 * timings.spread():.0f}%",
     ]
-    other = None
+    other = convs = None
     if train_other is not None:
-        other = ("NCHW" if args.channels_last else "channels_last", timings.median_ms("train_other"))
+        other_name = "NCHW" if args.channels_last else "channels_last"
+        other = (other_name, timings.median_ms("train_other"))
+        progress(f"{name}: profile the convolutions of the deploy form and of the faster train form")
+        if timings.median_ms("train_other") < timings.median_ms("train"):
+            convs = (other_name, conv_profile(train_other, x_other), conv_profile(deploy, x))
+        else:
+            convs = ("channels_last" if args.channels_last else "NCHW", conv_profile(model, x), conv_profile(deploy, x))
     return ModelResult(name, row, timings.ratio("train", "deploy"), timings.paired_iqr("train", "deploy"),
                        timings.ratio("train", "plain"), other, timings.median_ms("train"), timings.median_ms("deploy"),
-                       repmlp_ms, shapes)
+                       repmlp_ms, convs=convs, shapes=shapes)
 
 
 def section_models(names: list[str], args: argparse.Namespace, out: Report) -> list[ModelResult]:
@@ -477,14 +533,30 @@ def section_models(names: list[str], args: argparse.Namespace, out: Report) -> l
             f"Against the train form in its faster layout: **{strict:.2f}x → {verdict}**.")
         if target.repmlp_ms is not None:
             rt, rd = target.repmlp_ms
-            ceiling = target.train_ms / max(target.deploy_ms - rd, 1e-9)
+            faster_train_ms = min(target.train_ms, other_ms)
+            ceiling = faster_train_ms / max(target.deploy_ms - rd, 1e-9)
             out()
             out(f"Where the time is: the deploy forward spends {rd:.1f} of {target.deploy_ms:.1f} ms "
                 f"({100 * rd / target.deploy_ms:.1f}%) inside its RepMLP blocks (train form: {rt:.1f} of "
-                f"{target.train_ms:.1f} ms). Even RepMLP blocks that took no time at all would give "
-                f"train/deploy = {target.train_ms:.1f} / {target.deploy_ms - rd:.1f} = {ceiling:.2f}x; the rest of "
+                f"{target.train_ms:.1f} ms). Even RepMLP blocks that took no time at all would give, against the "
+                f"train form in its faster layout, {faster_train_ms:.1f} / {target.deploy_ms - rd:.1f} = "
+                f"{ceiling:.2f}x; the rest of "
                 f"the gap is what the deploy form saves outside them (BN passes folded into the convs, fused "
                 f"kernels on prepacked weights).")
+        if target.convs is not None:
+            layout, train_p, deploy_p = target.convs
+            peak = matmul_gmacs_per_s()
+            out()
+            out(f"Convolutions (`torch.profiler`, 3 forwards each, so a little slower than above; MACs by "
+                f"`FlopCounterMode`): the deploy form spends {deploy_p.conv_ms:.1f} of {deploy_p.wall_ms:.1f} ms "
+                f"in conv kernels ({deploy_p.conv_macs / 1e9:.1f} GMAC at {deploy_p.gmacs_per_s:.0f} GMAC/s); "
+                f"the train form in {layout}, its faster layout, {train_p.conv_ms:.1f} of {train_p.wall_ms:.1f} ms "
+                f"({train_p.conv_macs / 1e9:.1f} GMAC at {train_p.gmacs_per_s:.0f} GMAC/s). A 2048^3 fp32 matmul "
+                f"runs at {peak:.0f} GMAC/s on this machine, so the deploy convs are at "
+                f"{100 * deploy_p.gmacs_per_s / peak:.0f}% of it. Outside its convs the deploy form takes "
+                f"{deploy_p.wall_ms - deploy_p.conv_ms:.1f} ms against the train form's "
+                f"{train_p.wall_ms - train_p.conv_ms:.1f} ms; a deploy form that spent no time at all outside its "
+                f"convs would be {train_p.wall_ms / deploy_p.conv_ms:.2f}x faster than this train form.")
     out()
     return results
 

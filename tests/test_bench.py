@@ -7,7 +7,8 @@ import sys
 import torch
 from torch import nn
 
-from bench.reparam import saved_activation_bytes
+import backbones
+from bench.reparam import conv_profile, matmul_gmacs_per_s, saved_activation_bytes
 from conftest import REPO
 
 
@@ -29,3 +30,20 @@ def test_train_section_compares_conv_types_with_dbb():
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| `")]
     assert [r.split("|")[1].strip() for r in rows] == ["`conv`", "`acb`", "`dbb`", "`orepa`"]
     assert "| `dbb` |" in proc.stdout and "OREPA / DBB: time" in proc.stdout
+
+
+def test_conv_profile_counts_plain_and_fused_convs_and_their_macs():
+    x = torch.randn(2, 8, 32, 32)
+    macs = 2 * 16 * 32 * 32 * 8 * 9
+    train = backbones.ConvBN(8, 16, 3, act=True).eval()
+    for model in (train, backbones.reparameterize_model(train)):  # plain conv + BN; fused deploy conv
+        p = conv_profile(model, x, runs=2)
+        assert p.conv_macs == macs
+        assert 0 < p.conv_ms < p.wall_ms
+        assert p.gmacs_per_s == macs / p.conv_ms / 1e6
+    # no conv, no conv time
+    assert conv_profile(nn.Sequential(nn.ReLU()), x, runs=1).conv_ms == 0.0
+
+
+def test_matmul_rate_is_a_positive_rate():
+    assert 0.1 < matmul_gmacs_per_s(n=256, runs=3) < 1e5

@@ -261,8 +261,9 @@ def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     (this project's composite blocks, or a third-party root such as MMPretrain's RepMLPNet,
     whose ``switch_to_deploy`` calls its blocks' ``local_inject``): while the walk runs, each
     module's conversion methods run at most once, whoever calls them, because third-party ones
-    are often not idempotent. Deep-copies the model unless ``inplace``. Raises if the model contains SyncBatchNorm, which must be reverted first
-    (Lightning does so at the end of fit; ``nn.SyncBatchNorm`` is not a ``BatchNorm2d``).
+    are often not idempotent. Deep-copies the model unless ``inplace``. Raises if the model
+    contains SyncBatchNorm, which must be reverted first (Lightning does so at the end of fit;
+    ``nn.SyncBatchNorm`` is not a ``BatchNorm2d``).
     """
     sync = _sync_bn_names(model)
     if sync:

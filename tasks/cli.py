@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from pytorch_lightning import Trainer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.plugins.io import TorchCheckpointIO
@@ -31,6 +32,7 @@ from backbones import input_size
 from callbacks.reparam import ReparamCallback
 
 from .checkpoint_io import CheckedCheckpointIO
+from .csv_logger import CheckpointedCSVLogger
 
 __all__ = ["TaskCLI", "CONFIG_DIR", "DEFAULT_SEED"]
 
@@ -127,7 +129,8 @@ class TaskCLI(LightningCLI):
         Lightning looks for ``last.ckpt`` only in the *new* run's folder (a fresh ``version_N``), so
         it would find none and silently start over. Here the newest ``last.ckpt`` among the logger's
         ``version_*/checkpoints`` (or the ModelCheckpoint's ``dirpath``) is resumed, and the logger
-        writes on into that run's folder.
+        writes on into that run's folder; a CSVLogger keeps the rows logged before the checkpoint
+        (:class:`~tasks.csv_logger.CheckpointedCSVLogger`).
         """
         logger = config.trainer.get("logger")
         logger = logger[0] if isinstance(logger, list) and logger else logger
@@ -155,6 +158,11 @@ class TaskCLI(LightningCLI):
             init["version"] = last.parent.parent.name.removeprefix("version_")
             if init["version"].isdigit():
                 init["version"] = int(init["version"])
+            if str(logger.get("class_path", "")).endswith("CSVLogger"):
+                # Lightning's CSVLogger would delete the run's metrics.csv: keep the rows logged before
+                # the checkpoint instead (the resumed run logs the later ones again)
+                logger.class_path = f"{CheckpointedCSVLogger.__module__}.{CheckpointedCSVLogger.__name__}"
+                init["resume_step"] = int(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["global_step"])
         print(f"resuming from {last}")
 
     def _parse_ckpt_path(self) -> None:

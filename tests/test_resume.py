@@ -2,6 +2,7 @@
 ends; checkpoints are written atomically; an unreadable checkpoint is named."""
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ FIT = [
     "fit", "--model.backbone", "resnet_tiny_d8", "--model.head_channels", "16", "--model.aux_channels", "8",
     "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1", "--data.batch_size", "2",
     "--data.num_workers", "2", "--data.persistent_workers", "true", "--trainer.enable_progress_bar", "false",
+    "--trainer.log_every_n_steps", "1",
 ]
 CALLBACKS = """
 trainer:
@@ -81,6 +83,21 @@ def test_killed_fit_resumed_from_last_ends_with_the_same_weights_and_metrics(run
     # the deploy model of each run, tested after fit, scores the same
     assert read_results(full)["metrics"] == read_results(resumed)["metrics"]
     assert (resumed / "deploy.ckpt").is_file() and not (cwd / "runs" / "killed" / "version_1").exists()
+
+
+def _metrics_rows(run: Path) -> list[dict]:
+    with (run / "metrics.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_resumed_run_keeps_its_log_as_if_it_had_never_stopped(runs):
+    """Lightning's CSVLogger deletes the folder's metrics.csv; the resumed run keeps the rows logged
+    before its checkpoint and logs the later ones again, so the file equals the uninterrupted run's."""
+    _, _, full, resumed, *_ = runs
+    rows = _metrics_rows(resumed)
+    assert rows == _metrics_rows(full)
+    assert [r["step"] for r in rows if r["train/loss"]] == [str(s) for s in range(8)]  # steps 0-1 before the kill
+    assert [r["epoch"] for r in rows if r["val/mIoU"]] == ["0", "1"]
 
 
 def test_the_kill_was_mid_epoch_and_the_position_is_checkpointed(runs):

@@ -79,6 +79,27 @@ def test_predict_writes_label_colour_and_overlay_pngs(demo_run, tmp_path):
             assert (color[road] == [128, 64, 128][::-1]).all()
 
 
+def test_predict_keeps_subfolders_and_refuses_two_inputs_of_one_name(demo_run, tmp_path):
+    """Frames of the same name in two sequences are both written, under their sequence folders;
+    ``a.png`` beside ``a.jpg`` would overwrite each other's predictions and is an error up front."""
+    cwd, demo_root, run, _ = demo_run
+    image = sorted((next(demo_root.glob("cityscapes-*")) / "leftImg8bit" / "val").rglob("*.png"))[0]
+    folder = tmp_path / "in"
+    for seq in ("seqA", "seqB"):
+        (folder / seq).mkdir(parents=True)
+        shutil.copy(image, folder / seq / "frame_0001.png")
+    out = tmp_path / "pred"
+    args = ["--ckpt_path", str(run / "deploy.ckpt"), "--data.predict_root", str(folder), "--predictions.dirpath", str(out)]
+    assert_ok(_cli("predict", *args, cwd=cwd, demo_root=demo_root))
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*_labelTrainIds.png")) == [
+        "seqA/frame_0001_pred_labelTrainIds.png", "seqB/frame_0001_pred_labelTrainIds.png"]
+    cv2.imwrite(str(folder / "seqB" / "frame_0001.jpg"), cv2.imread(str(image)))
+    shutil.rmtree(out)
+    proc = _cli("predict", *args, cwd=cwd, demo_root=demo_root)
+    assert_failed(proc, "frame_0001.jpg and", "frame_0001.png would both be written as seqB/frame_0001_pred_*.png")
+    assert not list(out.rglob("*.png"))  # nothing written
+
+
 # --------------------------------------------------------------------------- mmseg checkpoints
 def _mmseg_names(state_dict: dict) -> dict:
     stem = {("0", "conv"): 0, ("0", "bn"): 1, ("1", "conv"): 3, ("1", "bn"): 4, ("2", "conv"): 6, ("2", "bn"): 7}
@@ -118,7 +139,7 @@ def test_mmseg_checkpoint_tests_as_the_baseline(small_root, tmp_path):
     out = tmp_path / "pred"
     assert_ok(_cli("predict", "--ckpt_path", str(mmseg), "--predictions.dirpath", str(out), *args,
                    cwd=tmp_path, demo_root=tmp_path))
-    assert len(list(out.glob("*_pred_labelTrainIds.png"))) == 2  # the two val images
+    assert len(list(out.rglob("*_pred_labelTrainIds.png"))) == 2  # the two val images
 
 
 # --------------------------------------------------------------------------- bad input

@@ -39,6 +39,8 @@ class EmbeddingWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        if prediction is None:  # every image of the batch was corrupt and skipped
+            return
         self._chunks.append(prediction["embeddings"].float().numpy())
         self._paths.extend(prediction["paths"])
 

@@ -49,6 +49,8 @@ class TopKCSVWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        if prediction is None:  # every image of the batch was corrupt and skipped
+            return
         indices, scores = prediction["indices"], prediction["scores"]
         k = indices.shape[1]
         if self._header_k is None:

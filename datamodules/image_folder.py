@@ -2,8 +2,10 @@
 
 ``split/<class>/<image>``: classes are the sub-folder names in sorted order (ImageNet's wnid
 order). Images are decoded with OpenCV into RGB ``uint8`` arrays; an unreadable or corrupt file
-raises :class:`CorruptImageError` naming it, or, with ``skip_corrupt=True``, is replaced by the
-next readable sample and counted in a warning.
+raises :class:`CorruptImageError` naming it, or, with ``skip_corrupt=True``, is skipped and counted
+in a warning: a training set replaces it by the next readable sample (batches keep their size),
+while evaluation and prediction sets (``drop_corrupt``) drop it, so that no image is counted or
+written twice; :func:`collate_readable` leaves dropped samples out of the batch.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from .seeded_sampler import SampleKey
 
@@ -156,10 +158,12 @@ class _ImageDataset(Dataset):
     :meth:`_read` decodes one.
     """
 
-    def __init__(self, paths: Sequence[str], transform: Optional[Callable[..., dict]], skip_corrupt: bool) -> None:
+    def __init__(self, paths: Sequence[str], transform: Optional[Callable[..., dict]], skip_corrupt: bool,
+                 drop_corrupt: bool = False) -> None:
         self.paths = list(paths)
         self.transform = transform
         self.skip_corrupt = skip_corrupt
+        self.drop_corrupt = drop_corrupt
         self.skipped = 0
         self._seed_key: Any = None
         self._sample_seed: Optional[int] = None
@@ -200,8 +204,9 @@ class _ImageDataset(Dataset):
         (RecordIO, pickled pairs) override this and raise :class:`CorruptImageError` naming the source."""
         return read_image(self.paths[i])
 
-    def _load(self, index: int) -> tuple[int, np.ndarray]:
-        """The image at ``index``, or with ``skip_corrupt`` the next readable one."""
+    def _load(self, index: int) -> tuple[int, Optional[np.ndarray]]:
+        """The image at ``index``; with ``skip_corrupt``, for an unreadable one, the next readable
+        one, or None with ``drop_corrupt``."""
         if not 0 <= index < len(self.paths):
             raise IndexError(f"index {index} out of range for {len(self.paths)} images")  # ends iteration
         for attempt in range(len(self.paths)):
@@ -213,6 +218,8 @@ class _ImageDataset(Dataset):
                     raise
                 self.skipped += 1
                 log.warning("skip_corrupt: %s; %d image(s) skipped so far in this process", exc, self.skipped)
+                if self.drop_corrupt:
+                    return i, None
         raise CorruptImageError(f"no readable image among the {len(self.paths)} files of this dataset")
 
     def _transform(self, image: np.ndarray) -> Any:
@@ -228,7 +235,8 @@ class ImageFolder(_ImageDataset):
     Args:
         samples: ``(path, class index)`` pairs (see :func:`list_samples`).
         transform: albumentations pipeline, called as ``transform(image=rgb_uint8)["image"]``.
-        skip_corrupt: replace unreadable images by the next readable one (and log it) instead of raising.
+        skip_corrupt: skip unreadable images (and log them) instead of raising: replaced by the next
+            readable one, or, with ``drop_corrupt`` (evaluation), returned as None.
     """
 
     def __init__(
@@ -236,18 +244,30 @@ class ImageFolder(_ImageDataset):
         samples: Sequence[tuple[str, int]],
         transform: Optional[Callable[..., dict]] = None,
         skip_corrupt: bool = False,
+        drop_corrupt: bool = False,
     ) -> None:
-        super().__init__([p for p, _ in samples], transform, skip_corrupt)
+        super().__init__([p for p, _ in samples], transform, skip_corrupt, drop_corrupt)
         self.targets = [t for _, t in samples]
 
-    def __getitem__(self, key: Union[int, SampleKey]) -> tuple[Any, int]:
+    def __getitem__(self, key: Union[int, SampleKey]) -> Optional[tuple[Any, int]]:
         i, image = self._load(self._index(key))
-        return self._transform(image), self.targets[i]
+        return None if image is None else (self._transform(image), self.targets[i])
 
 
 class ImageList(_ImageDataset):
-    """``(image, path)`` samples of unlabeled images, for prediction."""
+    """``(image, path)`` samples of unlabeled images, for prediction (a corrupt one skipped with
+    ``skip_corrupt`` is dropped: None)."""
 
-    def __getitem__(self, key: Union[int, SampleKey]) -> tuple[Any, str]:
+    def __init__(self, paths: Sequence[str], transform: Optional[Callable[..., dict]], skip_corrupt: bool) -> None:
+        super().__init__(paths, transform, skip_corrupt, drop_corrupt=True)
+
+    def __getitem__(self, key: Union[int, SampleKey]) -> Optional[tuple[Any, str]]:
         i, image = self._load(self._index(key))
-        return self._transform(image), self.paths[i]
+        return None if image is None else (self._transform(image), self.paths[i])
+
+
+def collate_readable(samples: list[Any]) -> Any:
+    """``default_collate`` of the samples that are not None (dropped corrupt images); None when
+    none is left, which the tasks' evaluation and predict steps skip."""
+    kept = [s for s in samples if s is not None]
+    return default_collate(kept) if kept else None

@@ -152,7 +152,7 @@ class ImageNetDataModule(SplitDataModule):
             if train else eval_transform(self.image_size, self.val_crop_ratio, self.mean, self.std)
         )
         log.info("%s split: %d images in %d classes from %s", split, len(samples), self.num_classes, self.data_root / split)
-        return ImageFolder(samples, transform, self.skip_corrupt)
+        return ImageFolder(samples, transform, self.skip_corrupt, drop_corrupt=not train)
 
     def setup(self, stage: Optional[str] = None) -> None:
         # Every folder is listed and checked here, before the first step.

@@ -21,6 +21,7 @@ import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .image_folder import collate_readable
 from .seeded_sampler import SeededSampler
 
 __all__ = ["distributed_eval_sampler", "SplitDataModule"]
@@ -87,6 +88,7 @@ class SplitDataModule(pl.LightningDataModule):
             batch_size=self.batch_size if train else self.val_batch_size,
             drop_last=train,
             sampler=self._train_sampler(dataset) if train else distributed_eval_sampler(dataset),
+            collate_fn=None if train else collate_readable,  # evaluation drops skipped corrupt images
             # The loader's worker seeds come from its own generator: drawn from the global RNG, a
             # persistent worker pool created at a different point of a resumed run would shift
             # the stream that dropout draws from.

@@ -111,14 +111,19 @@ class ClassificationTask(ReparamTask):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
+    # an evaluation batch is None when skip_corrupt dropped every image of it
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+        if batch is not None:
+            self._shared_step(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+        if batch is not None:
+            self._shared_step(batch, "test")
 
-    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+    def predict_step(self, batch: Any, batch_idx: int) -> Optional[dict[str, Any]]:
         """``{"paths", "indices" (N, k), "scores" (N, k)}``: the top-k classes and their probabilities."""
+        if batch is None:
+            return None
         images, paths = batch
         scores, indices = torch.softmax(self(images).float(), dim=1).topk(self.topk, dim=1)
         return {"paths": list(paths), "indices": indices.cpu(), "scores": scores.cpu()}

@@ -187,8 +187,11 @@ class FaceTask(ReparamTask):
         self.test_summary = self._log_verification("test")
 
     # ------------------------------------------------------------------ predict and results
-    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        """``{"paths", "embeddings" (N, D) float32}``: the evaluation embeddings (normalized, flip-summed)."""
+    def predict_step(self, batch: Any, batch_idx: int) -> Optional[dict[str, Any]]:
+        """``{"paths", "embeddings" (N, D) float32}``: the evaluation embeddings (normalized, flip-summed);
+        None for a batch whose every image skip_corrupt dropped."""
+        if batch is None:
+            return None
         images, paths = batch
         return {"paths": list(paths), "embeddings": self.embed(images).cpu()}
 

@@ -128,6 +128,13 @@ def test_corrupt_jpeg_stops_or_is_skipped_on_request(small_root, tmp_path):
     proc = _ok(_cli("validate", "--data.root", str(root), "--data.skip_corrupt", "true", *QUICK,
                     cwd=tmp_path, demo_root=tmp_path))
     assert f"skip_corrupt: cannot decode image {victim}" in proc.stderr
+    # predict skips it too: every readable image once, the corrupt one not at all (not a neighbour twice)
+    out = tmp_path / "pred.csv"
+    _ok(_cli("predict", "--data.root", str(root), "--data.skip_corrupt", "true", "--data.predict_root",
+             str(root / "val"), "--predictions.path", str(out), *QUICK, cwd=tmp_path, demo_root=tmp_path))
+    paths = [row["path"] for row in csv.DictReader(out.open())]
+    readable = sorted(str(p) for p in (root / "val").rglob("*.JPEG") if p != victim)
+    assert sorted(paths) == readable
 
 
 def test_deploy_checkpoint_of_another_backbone(demo_run, tmp_path):

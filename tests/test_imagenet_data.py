@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from datamodules.demo import SHAPES, classification_demo
-from datamodules.image_folder import CorruptImageError, ImageFolder, find_classes, list_samples, read_image
+from datamodules.image_folder import (CorruptImageError, ImageFolder, ImageList, collate_readable, find_classes,
+                                      list_samples, read_image)
 from datamodules.imagenet import ImageNetDataModule, eval_transform, train_transform
 
 
@@ -126,6 +127,20 @@ def test_skip_corrupt_replaces_and_counts(demo, tmp_path, caplog):
     assert ds.skipped == 1 and image.shape == (3, 48, 48)
     assert label == samples[index + 1][1]
     assert victim.name in caplog.text and "1 image(s) skipped" in caplog.text
+
+
+def test_evaluation_sets_drop_a_skipped_image_instead_of_repeating_another(demo, tmp_path):
+    root = _copy(demo, tmp_path)
+    victim = _corrupt(root)
+    samples = list_samples(root / "train", find_classes(root / "train"))
+    index = [p for p, _ in samples].index(str(victim))
+    ds = ImageFolder(samples, skip_corrupt=True, drop_corrupt=True)
+    assert ds[index] is None and ds.skipped == 1
+    batch = collate_readable([ds[index - 1], ds[index], ds[index + 1]])
+    assert batch[0].shape == (2, 3, 48, 48) and batch[1].tolist() == [samples[index - 1][1], samples[index + 1][1]]
+    assert collate_readable([None, None]) is None
+    listed = ImageList([str(victim), samples[0][0]], None, skip_corrupt=True)  # prediction lists drop too
+    assert listed[0] is None and listed[1][1] == samples[0][0]
 
 
 def test_not_an_image_is_reported(tmp_path):

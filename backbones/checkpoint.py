@@ -24,6 +24,7 @@ from torch import Tensor, nn
 __all__ = [
     "TASK_PREFIXES",
     "load_state_dict_file",
+    "is_safetensors_file",
     "read_torch_file",
     "atomic_write",
     "strip_prefix",
@@ -50,7 +51,7 @@ _MAX_LISTED = 5
 
 
 # --------------------------------------------------------------------------- reading
-def _is_safetensors_file(path: str) -> bool:
+def is_safetensors_file(path: str) -> bool:
     """True if ``path`` has the safetensors layout: an 8-byte header length, then a JSON object."""
     try:
         with open(path, "rb") as f:
@@ -169,7 +170,7 @@ def load_state_dict_file(path: PathLike) -> tuple[dict[str, Tensor], dict[str, A
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
         raise IsADirectoryError(f"checkpoint path is a directory, not a file: {path}")
-    if path.endswith(".safetensors") or _is_safetensors_file(path):
+    if path.endswith(".safetensors") or is_safetensors_file(path):
         state_dict, meta = _read_safetensors(path)
         if not state_dict:
             raise ValueError(f"not a readable checkpoint: {path} contains no tensors")

@@ -227,6 +227,12 @@ class ReparamTask(pl.LightningModule):
         elif not ckpt_deploy and self.deploy:
             self.build_model(deploy=False)
         hints = self.mismatch_hints(state_dict)
+        if source.startswith("backbone file"):
+            heads = sorted({k.split(".")[0] for k in self.state_dict() if not k.startswith("backbone.")} -
+                           {k.split(".")[0] for k in state_dict})
+            if heads:
+                hints.insert(0, f"a backbone file holds the backbone alone, and this task also needs its "
+                                f"{', '.join(heads)}: test the run's deploy.ckpt (the whole task) instead")
         if spec.get("kwargs") is not None and spec["kwargs"] != _plain(self.backbone_args()):
             hints.append(f"checkpoint backbone arguments {spec['kwargs']} differ from this run's {_plain(self.backbone_args())}")
         check_fits(self, state_dict, source, self.backbone_name, checkpoint_arch=name, hints=hints)
@@ -237,8 +243,9 @@ class ReparamTask(pl.LightningModule):
         return trainer.state.fn.value if trainer is not None and trainer.state.fn is not None else None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        source = (self._trainer.ckpt_path if self._trainer is not None else None) or "(checkpoint)"
-        self._align_with_checkpoint(checkpoint, str(source))
+        # a checkpoint the CLI rewrote (mmseg, backbone file) names its original file
+        source = checkpoint.get("source") or (self._trainer.ckpt_path if self._trainer is not None else None)
+        self._align_with_checkpoint(checkpoint, str(source or "(checkpoint)"))
         if self.trainer_stage() == "fit":
             self._resume_rng = checkpoint.get("rng")
 

@@ -14,21 +14,29 @@
 - ``--ckpt_path`` loads weights into the model the config describes (use the run's saved
   ``config.yaml``); a checkpoint of another backbone, class count or mode is explained, and a
   deploy checkpoint turns the model into its deploy structure before loading; checkpoints are
-  read with ``weights_only=True`` unless ``--weights_only false`` is given.
+  read with ``weights_only=True`` unless ``--weights_only false`` is given; a backbone file
+  (``deploy.safetensors``, the output of ``backbones.convert`` or ``backbones.official``) is taken
+  as the task's backbone weights for ``validate``, ``test`` and ``predict``.
 """
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+import pytorch_lightning as pl
 import torch
 from pytorch_lightning import Trainer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from backbones import input_size
+from backbones.checkpoint import is_safetensors_file, load_state_dict_file, state_dict_mode, strip_prefix
 from callbacks.reparam import ReparamCallback
 
 from .checkpoint_io import CheckedCheckpointIO
@@ -181,6 +189,49 @@ class TaskCLI(LightningCLI):
         # Checked before Lightning turns ``true`` into a seed taken from the environment (or 0).
         _explicit_seed(self._get(self.config, "seed_everything"))
         super()._set_seed()
+
+    def _backbone_file_as_task_checkpoint(self, subcommand: str) -> None:
+        """Let ``--ckpt_path`` name a backbone file: rewrite it as a Lightning checkpoint of the task,
+        its tensors under ``backbone.``, with its arch and mode for the checks on loading."""
+        config = self.config_init[subcommand]
+        path = config.get("ckpt_path")
+        if not path or not os.path.isfile(path):
+            return
+        if not is_safetensors_file(path):
+            try:
+                raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:  # noqa: BLE001 - Lightning loads it and CheckedCheckpointIO says what is wrong
+                return
+            if not isinstance(raw, Mapping) or "pytorch-lightning_version" in raw:
+                return
+        state_dict, meta = load_state_dict_file(path)
+        state_dict = strip_prefix(state_dict)  # DDP's module.
+        if not any(k.startswith("backbone.") for k in state_dict):
+            state_dict = {f"backbone.{k}": v for k, v in state_dict.items()}
+        deploy = meta.get("deploy")
+        if not isinstance(deploy, bool):
+            deploy = state_dict_mode(state_dict) == "deploy"
+        folder = tempfile.mkdtemp(prefix="backbone-ckpt-")
+        atexit.register(shutil.rmtree, folder, True)
+        converted = os.path.join(folder, os.path.basename(path) + ".ckpt")
+        torch.save({
+            "state_dict": state_dict,
+            "pytorch-lightning_version": pl.__version__,
+            "deploy": deploy,
+            "backbone": {"name": meta["arch"]} if isinstance(meta.get("arch"), str) else {},
+            "source": f"backbone file {path}",
+        }, converted)
+        print(f"backbone file {path}: loaded as the task's backbone ({'deploy' if deploy else 'train-time'} weights)")
+        config["ckpt_path"] = converted
+
+    def before_validate(self) -> None:
+        self._backbone_file_as_task_checkpoint("validate")
+
+    def before_test(self) -> None:
+        self._backbone_file_as_task_checkpoint("test")
+
+    def before_predict(self) -> None:
+        self._backbone_file_as_task_checkpoint("predict")
 
     def after_fit(self) -> None:
         if self._get(self.config, "test_after_fit") and not self.trainer.interrupted:

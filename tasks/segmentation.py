@@ -332,12 +332,15 @@ class SegmentationCLI(TaskCLI):
 
     def before_validate(self) -> None:
         self._lightning_ckpt("validate")
+        super().before_validate()
 
     def before_test(self) -> None:
         self._lightning_ckpt("test")
+        super().before_test()
 
     def before_predict(self) -> None:
         self._lightning_ckpt("predict")
+        super().before_predict()
 
 
 def main(args: Optional[list[str]] = None, run: bool = True) -> SegmentationCLI:

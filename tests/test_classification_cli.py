@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,24 @@ def test_deploy_and_train_checkpoints_give_the_same_accuracy(demo_run):
     for key in ("test/top1", "test/top5"):
         assert deploy["metrics"][key] == train["metrics"][key] == _results(run)["metrics"][key]
     assert deploy["params"] < train["params"]
+
+
+def test_backbone_files_test_as_the_run_did(demo_run, tmp_path):
+    """The run's deploy.safetensors, and backbones.convert's output of its best checkpoint, given
+    to --ckpt_path: each is loaded as the backbone it holds and scores what the run scored."""
+    cwd, demo_root, run, _ = demo_run
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    converted = tmp_path / "converted.pth"
+    subprocess.run([sys.executable, "-m", "backbones.convert", "--arch", "repmlp_res_tiny", str(best), str(converted)],
+                   cwd=REPO, check=True, capture_output=True)
+    name = ["--trainer.logger.init_args.name", "from-backbone-files"]
+    for i, path in enumerate((run / "deploy.safetensors", converted)):
+        proc = _ok(_cli("test", "--ckpt_path", str(path), *name, cwd=cwd, demo_root=demo_root))
+        assert f"backbone file {path}: loaded as the task's backbone (deploy weights)" in proc.stdout
+        results = _results(cwd / "runs" / "from-backbone-files" / f"version_{i}")
+        assert results["deploy"] is True
+        for key in ("test/top1", "test/top5"):
+            assert results["metrics"][key] == _results(run)["metrics"][key]
 
 
 def test_repvgg_tiny_fit_converts_to_a_plain_vgg_and_tests_it(demo_run, tmp_path):

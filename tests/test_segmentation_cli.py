@@ -100,6 +100,14 @@ def test_predict_keeps_subfolders_and_refuses_two_inputs_of_one_name(demo_run, t
     assert not list(out.rglob("*.png"))  # nothing written
 
 
+def test_backbone_file_alone_is_refused_with_the_way_out(demo_run):
+    cwd, demo_root, run, _ = demo_run
+    path = run / "deploy.safetensors"
+    proc = _cli("test", "--ckpt_path", str(path), cwd=cwd, demo_root=demo_root)
+    assert_failed(proc, f"checkpoint backbone file {path} does not fit", "holds the backbone alone",
+                  "auxiliary_head, decode_head: test the run's deploy.ckpt")
+
+
 # --------------------------------------------------------------------------- mmseg checkpoints
 def _mmseg_names(state_dict: dict) -> dict:
     stem = {("0", "conv"): 0, ("0", "bn"): 1, ("1", "conv"): 3, ("1", "bn"): 4, ("2", "conv"): 6, ("2", "bn"): 7}

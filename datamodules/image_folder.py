@@ -268,6 +268,16 @@ class ImageList(_ImageDataset):
 
 def collate_readable(samples: list[Any]) -> Any:
     """``default_collate`` of the samples that are not None (dropped corrupt images); None when
-    none is left, which the tasks' evaluation and predict steps skip."""
+    none is left, which the tasks' evaluation and predict steps skip. Images of different sizes
+    (a predict folder of mixed sizes) are an error that names them."""
     kept = [s for s in samples if s is not None]
-    return default_collate(kept) if kept else None
+    if not kept:
+        return None
+    images = [s[0] for s in kept if isinstance(s, tuple) and isinstance(s[0], torch.Tensor)]
+    if len({tuple(t.shape) for t in images}) > 1:
+        named = [f"{s[1]} ({'x'.join(map(str, s[0].shape[-2:]))})" for s in kept if isinstance(s[-1], str)]
+        raise ValueError(
+            f"images of different sizes in one batch cannot be stacked: {', '.join(named[:4]) or 'see the data'}; "
+            "run with --data.val_batch_size 1, or bring the images to one size"
+        )
+    return default_collate(kept)

@@ -143,6 +143,13 @@ def test_evaluation_sets_drop_a_skipped_image_instead_of_repeating_another(demo,
     assert listed[0] is None and listed[1][1] == samples[0][0]
 
 
+def test_images_of_different_sizes_in_one_batch_are_named():
+    small, large = (torch.zeros(3, 4, 6), "a.png"), (torch.zeros(3, 8, 6), "b.png")
+    with pytest.raises(ValueError, match=r"different sizes .*a\.png \(4x6\), b\.png \(8x6\).*--data.val_batch_size 1"):
+        collate_readable([small, large])
+    assert collate_readable([small, small])[0].shape == (2, 3, 4, 6)
+
+
 def test_not_an_image_is_reported(tmp_path):
     bogus = tmp_path / "x.JPEG"
     bogus.write_text("hello")

@@ -88,6 +88,12 @@ class TaskCLI(LightningCLI):
         **kwargs: Any,
     ) -> None:
         argv = sys.argv[1:] if args is None else list(args)
+        if any(a == "--data.image_size" or a.startswith("--data.image_size=") for a in argv):
+            # linked from the model (jsonargparse's own message for this is cryptic)
+            raise ValueError(
+                "data.image_size follows the model (the img_size its RepMLP blocks are built for); set it with "
+                "--model.backbone_kwargs '{\"img_size\": SIZE}' (a pair [H, W] for non-square inputs)"
+            )
         parser_kwargs: dict[str, Any] = kwargs.pop("parser_kwargs", {})
         if demo_config is not None and not _has_config(argv):
             if not Path(demo_config).is_file():  # jsonargparse would silently run without it

@@ -174,6 +174,11 @@ def test_class_count_mismatch(demo_run, small_root, tmp_path):
     _failed(proc, "class-count mismatch", "has 10 classes, this run has 7")
 
 
+def test_image_size_is_set_through_the_model(tmp_path):
+    proc = _cli("test", "--data.image_size", "64", cwd=tmp_path, demo_root=tmp_path)
+    _failed(proc, "data.image_size follows the model", """--model.backbone_kwargs '{"img_size": SIZE}'""")
+
+
 def test_seed_must_be_an_integer(tmp_path):
     proc = _cli("fit", "--seed_everything", "true", *QUICK, cwd=tmp_path, demo_root=tmp_path)
     _failed(proc, "seed_everything must be an explicit integer")

@@ -217,17 +217,23 @@ class TaskCLI(LightningCLI):
         deploy = meta.get("deploy")
         if not isinstance(deploy, bool):
             deploy = state_dict_mode(state_dict) == "deploy"
-        folder = tempfile.mkdtemp(prefix="backbone-ckpt-")
-        atexit.register(shutil.rmtree, folder, True)
-        converted = os.path.join(folder, os.path.basename(path) + ".ckpt")
-        torch.save({
+        self.substitute_checkpoint(config, {
             "state_dict": state_dict,
-            "pytorch-lightning_version": pl.__version__,
             "deploy": deploy,
             "backbone": {"name": meta["arch"]} if isinstance(meta.get("arch"), str) else {},
             "source": f"backbone file {path}",
-        }, converted)
+        })
         print(f"backbone file {path}: loaded as the task's backbone ({'deploy' if deploy else 'train-time'} weights)")
+
+    @staticmethod
+    def substitute_checkpoint(config: Any, checkpoint: dict[str, Any]) -> None:
+        """Point ``config.ckpt_path`` at a Lightning checkpoint of ``checkpoint`` (``state_dict`` and
+        the keys the task checks on loading; ``source`` names the original in errors), written to a
+        temporary file that is removed at exit."""
+        folder = tempfile.mkdtemp(prefix="ckpt-")
+        atexit.register(shutil.rmtree, folder, True)
+        converted = os.path.join(folder, os.path.basename(config["ckpt_path"]) + ".ckpt")
+        torch.save({**checkpoint, "pytorch-lightning_version": pl.__version__}, converted)
         config["ckpt_path"] = converted
 
     def before_validate(self) -> None:

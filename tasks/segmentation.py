@@ -15,15 +15,11 @@ are padded and the padding is cut from the logits, which are averaged where wind
 """
 from __future__ import annotations
 
-import atexit
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Optional
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -318,17 +314,12 @@ class SegmentationCLI(TaskCLI):
             return
         if not isinstance(checkpoint, Mapping) or not is_mmseg_checkpoint(checkpoint):
             return
-        folder = tempfile.mkdtemp(prefix="mmseg-ckpt-")
-        atexit.register(shutil.rmtree, folder, True)
-        converted = os.path.join(folder, os.path.basename(path))
-        torch.save({
+        self.substitute_checkpoint(config, {
             "state_dict": convert_mmseg_state_dict(checkpoint["state_dict"]),
-            "pytorch-lightning_version": pl.__version__,
             "deploy": False,
             "source": f"mmseg checkpoint {path}",
-        }, converted)
+        })
         print(f"mmseg checkpoint {path}: backbone keys renamed to this project's layout")
-        config["ckpt_path"] = converted
 
     def before_validate(self) -> None:
         self._lightning_ckpt("validate")

@@ -61,6 +61,21 @@ def test_deploy_and_train_checkpoints_verify_the_same(demo_run):
         assert deploy["verification"][name]["auc"] == pytest.approx(train["verification"][name]["auc"], abs=1e-4)
 
 
+def test_deploy_backbone_file_verifies_as_the_run_did(demo_run):
+    """deploy.safetensors (the embedding network alone) given to --ckpt_path: no margin head is
+    needed outside fit, and every verification set scores what the run scored."""
+    cwd, demo_root, run, _ = demo_run
+    path = run / "deploy.safetensors"
+    proc = _ok(_cli("test", "--ckpt_path", str(path), "--trainer.logger.init_args.name", "from-backbone-file",
+                    cwd=cwd, demo_root=demo_root))
+    assert f"backbone file {path}: loaded as the task's backbone (deploy weights)" in proc.stdout
+    results = _results(cwd / "runs" / "from-backbone-file" / "version_0")
+    assert results["deploy"] is True
+    for name in SETS:
+        for key in ("acc", "acc_std", "tar@far=1e-3"):
+            assert results["verification"][name][key] == pytest.approx(_results(run)["verification"][name][key], abs=1e-9)
+
+
 def test_predict_writes_embeddings_and_the_file_list(demo_run, tmp_path):
     cwd, demo_root, run, _ = demo_run
     hard = next(demo_root.glob("faces-*")) / "demo_verify_hard"

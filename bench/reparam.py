@@ -524,7 +524,8 @@ def section_models(names: list[str], args: argparse.Namespace, out: Report) -> l
         lo, hi = target.ratio_iqr
         layout, other_ms = target.other_layout
         other_ratio = other_ms / target.deploy_ms
-        strict = min(target.ratio, other_ratio)
+        faster_train_ms = min(target.train_ms, other_ms)
+        strict = faster_train_ms / target.deploy_ms
         verdict = "PASS" if strict >= TARGET_RATIO else "FAIL"
         out(f"**Target**: deploy `{TARGET_MODEL}` >= {TARGET_RATIO:.2f}x faster than its train-time form (eval) at "
             f"batch {TARGET_BATCH}: measured **{target.ratio:.2f}x** (per-round IQR {lo:.2f}–{hi:.2f}); with plain "
@@ -533,7 +534,6 @@ def section_models(names: list[str], args: argparse.Namespace, out: Report) -> l
             f"Against the train form in its faster layout: **{strict:.2f}x → {verdict}**.")
         if target.repmlp_ms is not None:
             rt, rd = target.repmlp_ms
-            faster_train_ms = min(target.train_ms, other_ms)
             ceiling = faster_train_ms / max(target.deploy_ms - rd, 1e-9)
             out()
             out(f"Where the time is: the deploy forward spends {rd:.1f} of {target.deploy_ms:.1f} ms "

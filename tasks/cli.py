@@ -68,6 +68,15 @@ def _explicit_seed(seed: Any) -> int:
     return seed
 
 
+def _load_for_inspection(path: str, weights_only: bool) -> Any:
+    """``torch.load`` of ``path``, memory-mapped where the format allows (a Lightning checkpoint is
+    only looked at here; Lightning reads it for real)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+    except RuntimeError:  # the legacy (non-zip) format cannot be mapped
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+
+
 class TaskCLI(LightningCLI):
     """LightningCLI for a :class:`tasks.base.ReparamTask` and its datamodule (see the module doc).
 
@@ -196,20 +205,28 @@ class TaskCLI(LightningCLI):
         _explicit_seed(self._get(self.config, "seed_everything"))
         super()._set_seed()
 
-    def _backbone_file_as_task_checkpoint(self, subcommand: str) -> None:
-        """Let ``--ckpt_path`` name a backbone file: rewrite it as a Lightning checkpoint of the task,
-        its tensors under ``backbone.``, with its arch and mode for the checks on loading."""
+    def _rewrite_foreign_checkpoint(self, subcommand: str) -> None:
+        """Let ``--ckpt_path`` name a file that is not a Lightning checkpoint: read it once, and
+        load the Lightning checkpoint :meth:`foreign_checkpoint` makes of it instead."""
         config = self.config_init[subcommand]
         path = config.get("ckpt_path")
         if not path or not os.path.isfile(path):
             return
+        raw = None
         if not is_safetensors_file(path):
             try:
-                raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception:  # noqa: BLE001 - Lightning loads it and CheckedCheckpointIO says what is wrong
+                raw = _load_for_inspection(path, weights_only=config.get("weights_only") is not False)
+            except Exception:  # noqa: BLE001 - not ours to judge: Lightning loads it and CheckedCheckpointIO reports
                 return
             if not isinstance(raw, Mapping) or "pytorch-lightning_version" in raw:
                 return
+        self.substitute_checkpoint(config, self.foreign_checkpoint(path, raw))
+
+    def foreign_checkpoint(self, path: str, raw: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+        """The Lightning checkpoint content (``state_dict``, ``deploy``, ``backbone``, ``source``) of
+        a non-Lightning file, ``raw`` its ``torch.load`` (None for safetensors). Here: a backbone file,
+        its tensors under ``backbone.``, with its arch and mode for the checks on loading; task CLIs
+        that know other formats override this."""
         state_dict, meta = load_state_dict_file(path)
         state_dict = strip_prefix(state_dict)  # DDP's module.
         if not any(k.startswith("backbone.") for k in state_dict):
@@ -217,13 +234,13 @@ class TaskCLI(LightningCLI):
         deploy = meta.get("deploy")
         if not isinstance(deploy, bool):
             deploy = state_dict_mode(state_dict) == "deploy"
-        self.substitute_checkpoint(config, {
+        print(f"backbone file {path}: loaded as the task's backbone ({'deploy' if deploy else 'train-time'} weights)")
+        return {
             "state_dict": state_dict,
             "deploy": deploy,
             "backbone": {"name": meta["arch"]} if isinstance(meta.get("arch"), str) else {},
             "source": f"backbone file {path}",
-        })
-        print(f"backbone file {path}: loaded as the task's backbone ({'deploy' if deploy else 'train-time'} weights)")
+        }
 
     @staticmethod
     def substitute_checkpoint(config: Any, checkpoint: dict[str, Any]) -> None:
@@ -237,13 +254,13 @@ class TaskCLI(LightningCLI):
         config["ckpt_path"] = converted
 
     def before_validate(self) -> None:
-        self._backbone_file_as_task_checkpoint("validate")
+        self._rewrite_foreign_checkpoint("validate")
 
     def before_test(self) -> None:
-        self._backbone_file_as_task_checkpoint("test")
+        self._rewrite_foreign_checkpoint("test")
 
     def before_predict(self) -> None:
-        self._backbone_file_as_task_checkpoint("predict")
+        self._rewrite_foreign_checkpoint("predict")
 
     def after_fit(self) -> None:
         if self._get(self.config, "test_after_fit") and not self.trainer.interrupted:

@@ -16,7 +16,6 @@ are padded and the padding is cut from the logits, which are averaged where wind
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Optional
 
@@ -301,37 +300,16 @@ class SegmentationCLI(TaskCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.classes", "model.class_names", apply_on="instantiate")
 
-    def _lightning_ckpt(self, subcommand: str) -> None:
-        """Let ``--ckpt_path`` name an mmseg checkpoint: rewrite it as a Lightning checkpoint first."""
-        config = self.config_init[subcommand]
-        path = config.get("ckpt_path")
-        if not path or not os.path.isfile(path):
-            return
-        weights_only = config.get("weights_only") is not False
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
-        except Exception:  # noqa: BLE001 - not ours to judge: Lightning loads it and reports
-            return
-        if not isinstance(checkpoint, Mapping) or not is_mmseg_checkpoint(checkpoint):
-            return
-        self.substitute_checkpoint(config, {
-            "state_dict": convert_mmseg_state_dict(checkpoint["state_dict"]),
+    def foreign_checkpoint(self, path: str, raw: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+        """An mmseg checkpoint, its backbone keys renamed; anything else as :class:`TaskCLI` reads it."""
+        if raw is None or not is_mmseg_checkpoint(raw):
+            return super().foreign_checkpoint(path, raw)
+        print(f"mmseg checkpoint {path}: backbone keys renamed to this project's layout")
+        return {
+            "state_dict": convert_mmseg_state_dict(raw["state_dict"]),
             "deploy": False,
             "source": f"mmseg checkpoint {path}",
-        })
-        print(f"mmseg checkpoint {path}: backbone keys renamed to this project's layout")
-
-    def before_validate(self) -> None:
-        self._lightning_ckpt("validate")
-        super().before_validate()
-
-    def before_test(self) -> None:
-        self._lightning_ckpt("test")
-        super().before_test()
-
-    def before_predict(self) -> None:
-        self._lightning_ckpt("predict")
-        super().before_predict()
+        }
 
 
 def main(args: Optional[list[str]] = None, run: bool = True) -> SegmentationCLI:

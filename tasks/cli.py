@@ -31,6 +31,7 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
+import yaml
 from pytorch_lightning import Trainer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.plugins.io import TorchCheckpointIO
@@ -52,6 +53,12 @@ def _config_dir() -> Path:
 
 CONFIG_DIR = _config_dir()
 DEFAULT_SEED = 42
+# data.* arguments the CLI computes from others, and where to set them instead
+_LINKED_DATA = {
+    "image_size": "it follows the model (the img_size its RepMLP blocks are built for): set it with "
+                  "--model.backbone_kwargs '{\"img_size\": SIZE}' (a pair [H, W] for non-square inputs)",
+    "seed": "it follows seed_everything (which also seeds the training order and augmentation): set that",
+}
 
 
 def _has_config(args: Sequence[str]) -> bool:
@@ -98,18 +105,17 @@ class TaskCLI(LightningCLI):
     ) -> None:
         argv = sys.argv[1:] if args is None else list(args)
         if any(a == "--data.image_size" or a.startswith("--data.image_size=") for a in argv):
-            # linked from the model (jsonargparse's own message for this is cryptic)
-            raise ValueError(
-                "data.image_size follows the model (the img_size its RepMLP blocks are built for); set it with "
-                "--model.backbone_kwargs '{\"img_size\": SIZE}' (a pair [H, W] for non-square inputs)"
-            )
+            # jsonargparse's own message for this link (computed from two arguments) is cryptic
+            raise ValueError(f"--data.image_size: {_LINKED_DATA['image_size']}")
         parser_kwargs: dict[str, Any] = kwargs.pop("parser_kwargs", {})
+        self._demo_configs: list[str] = []
         if demo_config is not None and not _has_config(argv):
             if not Path(demo_config).is_file():  # jsonargparse would silently run without it
                 raise FileNotFoundError(
                     f"the demo config {demo_config} is missing (it ships in configs/ of the source tree and in "
                     "the package); reinstall the package, or pass --config FILE"
                 )
+            self._demo_configs.append(str(demo_config))
             for sub in self.subcommands():
                 parser_kwargs.setdefault(sub, {}).setdefault("default_config_files", [str(demo_config)])
         super().__init__(
@@ -143,8 +149,23 @@ class TaskCLI(LightningCLI):
         return trainer
 
     def before_instantiate_classes(self) -> None:
+        self._refuse_linked_values(self.config[self.subcommand] if self.subcommand else self.config)
         if self.subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":
             self._resolve_last_checkpoint(self.config.fit)
+
+    def _refuse_linked_values(self, config: Any) -> None:
+        """A config file that sets a ``data`` value the CLI computes is an error naming the file:
+        jsonargparse would silently replace the file's value by the computed one."""
+        files = [(str(p), p.get_content) for p in config.get("config") or [] if hasattr(p, "get_content")]
+        files += [(p, Path(p).read_text) for p in self._demo_configs]
+        for name, read in files:
+            document = yaml.safe_load(read())
+            data = document.get("data") if isinstance(document, dict) else None
+            if not isinstance(data, dict):
+                continue
+            for key, rule in _LINKED_DATA.items():
+                if key in data:
+                    raise ValueError(f"{name}: remove data.{key} from this file: {rule}")
 
     def _resolve_last_checkpoint(self, config: Any) -> None:
         """``fit --ckpt_path last``: continue the newest run of this config in its own folder.

@@ -176,7 +176,18 @@ def test_class_count_mismatch(demo_run, small_root, tmp_path):
 
 def test_image_size_is_set_through_the_model(tmp_path):
     proc = _cli("test", "--data.image_size", "64", cwd=tmp_path, demo_root=tmp_path)
-    _failed(proc, "data.image_size follows the model", """--model.backbone_kwargs '{"img_size": SIZE}'""")
+    _failed(proc, "--data.image_size: it follows the model", """--model.backbone_kwargs '{"img_size": SIZE}'""")
+
+
+@pytest.mark.parametrize("data, name", [("{image_size: [96, 96]}", "image_size"), ("{seed: 7}", "seed")])
+def test_config_file_setting_a_computed_data_value(tmp_path, data, name):
+    """jsonargparse would replace the file's value by the computed one without a word."""
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(f"data: {data}\n")
+    proc = _cli("test", "-c", str(REPO / "configs" / "classification" / "demo.yaml"), "-c", str(extra),
+                cwd=tmp_path, demo_root=tmp_path)
+    _failed(proc, f"{extra}: remove data.{name} from this file", "model.backbone_kwargs" if name == "image_size"
+            else "seed_everything")
 
 
 def test_seed_must_be_an_integer(tmp_path):

@@ -350,6 +350,7 @@ def test_train_ids_converter_writes_what_the_loader_maps(demo, tmp_path):
 
     root = copy_root(demo, tmp_path)
     labels = sorted((root / "gtFine").rglob(f"*{LABEL_IDS_SUFFIX}"))
+    assert labels  # the converter has files to convert
     assert convert([str(root)]) == 0
     for source in labels:
         target = source.with_name(source.name.replace(LABEL_IDS_SUFFIX, "_gtFine_labelTrainIds.png"))

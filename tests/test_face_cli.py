@@ -123,7 +123,7 @@ def test_bad_input_is_named(small_face_root, tmp_path):
     shutil.copy(small_face_root / "demo_verify.bin", root / "demo_verify.bin")
     (root / "train" / "id_without_faces").mkdir()
     _failed(_cli("fit", *QUICK, "--data.root", str(root), cwd=tmp_path, demo_root=tmp_path),
-            "id_without_faces")
+            "empty class folder(s)", "id_without_faces")
 
 
 def test_test_without_training_data_and_a_checkpoint_of_another_backbone(demo_run, small_face_root, tmp_path):
@@ -135,7 +135,7 @@ def test_test_without_training_data_and_a_checkpoint_of_another_backbone(demo_ru
     assert _results(tmp_path / "runs" / "face-demo" / "version_0")["verification"]["demo_verify"]["pairs"] == 20
     _failed(_cli("test", "--ckpt_path", str(run / "deploy.ckpt"), "--data.root", str(root),
                  "--model.backbone", "faceresnet_tiny", cwd=tmp_path, demo_root=demo_root),
-            "repmlp_faceres_tiny", "faceresnet_tiny")
+            "holds backbone 'repmlp_faceres_tiny', but this run builds 'faceresnet_tiny'")
 
 
 def test_paper_configs_parse(tmp_path):

@@ -89,7 +89,7 @@ def test_absent_sets_are_skipped_and_none_is_an_error(small_face_root, tmp_path)
     (empty / "train" / "someone").mkdir(parents=True)
     dm = FaceDataModule(root=str(empty), image_size=64, num_workers=0)
     assert dm.verification_sets == []  # predict needs none
-    with pytest.raises(FileNotFoundError, match="lfw"):
+    with pytest.raises(FileNotFoundError, match=r"holds none of the requested sets; looked for: .*lfw"):
         dm.setup("validate")
 
 
@@ -100,7 +100,7 @@ def test_missing_training_set_names_both_layouts(small_face_root, tmp_path):
     assert dm.num_classes == 0  # enough to test a trained checkpoint
     with pytest.raises(FileNotFoundError, match=r"train\.rec.*identity folders"):
         dm.setup("fit")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"face data root .*nowhere does not exist \(data.root\)"):
         _dm(tmp_path / "nowhere").num_classes
 
 

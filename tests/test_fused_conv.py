@@ -97,13 +97,15 @@ def test_plain_path_where_the_kernel_does_not_apply(calls):
     calls.clear()
 
     with torch.no_grad():
-        conv_act(conv.double(), x.double(), relu)  # oneDNN's fused conv is float32 only here
+        double = conv_act(conv.double(), x.double(), relu)  # oneDNN's fused conv is float32 only here
+        assert double.dtype == torch.float64 and torch.equal(double, F.relu(conv(x.double())))
         conv.float()
         broadcast = torch.randn(1, 6, 1, 1)  # broadcasting is the plain add's semantics
         assert torch.allclose(conv_act(conv, x, relu, broadcast), plain(conv, x, True, broadcast))
         reflect = nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect")
         assert torch.allclose(conv_act(reflect, x, relu), F.relu(reflect(x)))
-        conv_act(conv, x, nn.GELU())  # an activation the kernel does not fuse
+        gelu = conv_act(conv, x, nn.GELU())  # an activation the kernel does not fuse
+        assert torch.equal(gelu, F.gelu(conv(x)))
         inference = nn.Conv2d(4, 6, 3, padding=1)
         with torch.inference_mode():
             inference.weight = nn.Parameter(inference.weight.clone())  # keeps no version counter

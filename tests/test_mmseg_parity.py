@@ -51,7 +51,9 @@ def test_resnet_v1c_d8_equals_mmseg_resnet_v1c_through_the_key_mapping():
     ours.eval()
     x = torch.randn(1, 3, 65, 97)
     with torch.no_grad():
-        for a, b in zip(ours.forward_stages(x), theirs(x)):
+        stages, expected = ours.forward_stages(x), theirs(x)
+        assert len(stages) == len(expected) == 4
+        for a, b in zip(stages, expected):
             assert a.shape == b.shape
             assert (a - b).abs().max() <= 1e-4 * b.abs().max()
 

@@ -239,7 +239,8 @@ def test_wrong_image_size_names_both_sizes():
     (dict(layers=(1, 2, 2)), "layers needs one value per stage"),
     (dict(repmlp_stages=(1, 3)), "stage numbers 2..5"),
     (dict(repmlp_block="heavy"), "'bottleneck' or 'light'"),
-    (dict(partition=3), "kernel size 3 is larger than|not a multiple"),
+    (dict(partition=3), "8x8 feature map in RepMLP stage c3, which is not a multiple of the partition 3x3"),
+    (dict(partition=4, kernels=(1, 5)), "kernel size 5 is larger than the 4x4 partition"),
     (dict(kernels=(1, 2)), "kernel size 2 .* odd"),
     (dict(groups=(1, 3, 4, 1)), "groups=3 must divide"),
 ])

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, assert_ok, print_configs
+from conftest import REPO, assert_ok, print_configs, read_results
 
 README = (REPO / "README.md").read_text()
 CI = {"pip install torch==2.13.0", 'pip install -e ".[dev]"', "python -m pytest -q"}
@@ -144,6 +144,11 @@ def test_deploy_test_and_predict_commands_run_on_the_demo_run(task, demo_runs, t
     for command in _commands(RUN_PATTERNS["deploy"].replace(r"\w+", task)):
         faces = {"/data/my_faces": str(next(demo_root.glob("faces-*")) / "demo_verify_hard")} if task == "face" else None
         _run(command, cwd, demo_root, faces)
+    if task == "classification":  # the deploy model tests as it did at the end of fit
+        run = cwd / "runs" / f"{task}-demo"
+        [tested] = [read_results(p) for p in run.glob("version_*") if p.name != "version_0"]
+        assert tested["deploy"] is True
+        assert tested["metrics"]["test/top1"] == read_results(run / "version_0")["metrics"]["test/top1"]
     if task == "segmentation":
         assert list((cwd / "runs" / f"{task}-demo").rglob("predictions/*_overlay.png"))
     if task == "face":

@@ -96,7 +96,7 @@ def test_add_branches_equals_sum_of_convs():
     w, b = add_branches(*branches)
     assert w.shape == (6, 2, 5, 5)
     assert max_relative_error(expected, F.conv2d(x, w, b, padding=2, groups=2)) < 1e-6
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="add_branches needs at least one"):
         add_branches()
 
 

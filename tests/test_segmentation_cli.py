@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import assert_failed, assert_ok, read_results, run_task
+from datamodules.cityscapes import PALETTE
 from datamodules.demo import cityscapes_demo
 
 QUICK = [
@@ -74,9 +75,8 @@ def test_predict_writes_label_colour_and_overlay_pngs(demo_run, tmp_path):
         overlay = cv2.imread(str(out / f"{stem}_pred_overlay.png"))
         assert labels.shape == (128, 256) and labels.max() <= 18
         assert color.shape == overlay.shape == (128, 256, 3)
-        road = labels == 0
-        if road.any():  # road pixels are painted in the Cityscapes road colour (BGR on disk)
-            assert (color[road] == [128, 64, 128][::-1]).all()
+        for train_id in np.unique(labels):  # each class in its Cityscapes colour (BGR on disk)
+            assert (color[labels == train_id] == PALETTE[train_id][::-1]).all()
 
 
 def test_predict_keeps_subfolders_and_refuses_two_inputs_of_one_name(demo_run, tmp_path):
@@ -161,7 +161,8 @@ def test_image_without_label(small_root, tmp_path):
     label = sorted((root / "gtFine" / "train").rglob("*_gtFine_labelIds.png"))[0]
     label.unlink()
     image = label.name.replace("_gtFine_labelIds.png", "_leftImg8bit.png")
-    assert_failed(_cli("fit", "--data.root", str(root), *QUICK, cwd=tmp_path, demo_root=tmp_path), image)
+    assert_failed(_cli("fit", "--data.root", str(root), *QUICK, cwd=tmp_path, demo_root=tmp_path),
+                  "have no label file", image)
 
 
 def test_label_outside_the_id_table(small_root, tmp_path):
@@ -171,7 +172,7 @@ def test_label_outside_the_id_table(small_root, tmp_path):
     values[0, :5] = 40
     cv2.imwrite(str(label), values)
     assert_failed(_cli("validate", "--data.root", str(root), *QUICK, cwd=tmp_path, demo_root=tmp_path),
-                  label.name, "40")
+                  f"{label.name} holds value(s) 40 that are not Cityscapes label ids")
 
 
 def test_image_label_size_mismatch(small_root, tmp_path):
@@ -185,9 +186,10 @@ def test_image_label_size_mismatch(small_root, tmp_path):
 def test_crop_larger_than_any_rescaled_image(tmp_path):
     proc = _cli("fit", "--data.scale", "[64, 32]", "--data.ratio_range", "[0.5, 1.0]", *QUICK,
                 cwd=tmp_path, demo_root=tmp_path)
-    assert_failed(proc, "data.image_size")
+    assert_failed(proc, "data.image_size (crop h, w)", "can never fit")
 
 
 def test_window_that_does_not_fit_the_repmlp_partitions(tmp_path):
     proc = _cli("fit", "--model.backbone_kwargs", '{"img_size": 120}', *QUICK, cwd=tmp_path, demo_root=tmp_path)
-    assert_failed(proc, "15")  # 120 px → 15x15 maps in c3/c4, not divisible by the 8x8 partition
+    # 120 px → 15x15 maps in c3/c4, not divisible by the 8x8 partition
+    assert_failed(proc, "img_size 120x120 gives a 15x15 feature map", "not a multiple of the partition 8x8")

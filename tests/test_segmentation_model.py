@@ -13,7 +13,7 @@ from backbones import create, reparameterize_model
 from backbones.decode_heads import FCNHead, PSPHead
 from backbones.mmseg_compat import convert_mmseg_state_dict, is_mmseg_checkpoint, is_mmseg_state_dict
 from backbones.reparam import max_relative_error
-from conftest import randomize_bn
+from conftest import perturb_params, randomize_bn
 from tasks.segmentation import SegmentationTask
 from tasks.segmentation_metric import SegmentationIoU, iou_from_confusion
 
@@ -82,7 +82,7 @@ def _to_mmseg_names(state_dict):
 
 
 def test_mmseg_pspnet_checkpoint_loads_into_the_baseline():
-    task = _task(backbone="resnet_tiny_d8")
+    task = perturb_params(randomize_bn(_task(backbone="resnet_tiny_d8")), seed=1)  # unlike a fresh task's
     ours = task.state_dict()
     mmseg = _to_mmseg_names(ours)
     assert "backbone.stem.4.running_mean" in mmseg and "backbone.layer1.0.bn2.weight" in mmseg
@@ -93,9 +93,12 @@ def test_mmseg_pspnet_checkpoint_loads_into_the_baseline():
     converted = convert_mmseg_state_dict({f"module.{k}": v for k, v in mmseg.items()})
     assert converted.keys() == ours.keys()
     fresh = _task(backbone="resnet_tiny_d8")
+    assert not torch.equal(fresh.state_dict()["backbone.layer1.0.conv1.bn.running_var"],
+                           ours["backbone.layer1.0.conv1.bn.running_var"])
     fresh.load_state_dict(fresh.translate_state_dict(mmseg))
+    assert fresh.state_dict().keys() == ours.keys()
     for k, v in fresh.state_dict().items():
-        assert torch.equal(v, ours[k])
+        assert torch.equal(v, ours[k]), k
 
 
 # --------------------------------------------------------------------------- metric
@@ -200,8 +203,10 @@ def test_pretrained_backbone_loads_matching_tensors(tmp_path):
     task = _task(backbone="resnet_tiny_d8", pretrained=str(path))
     assert torch.equal(task.backbone.layer2[0].conv2.conv.weight, source.layer2[0].conv2.conv.weight)
     # a whole segmentation checkpoint (backbone + heads, DDP-prefixed): its backbone is used
-    seg = _task(backbone="resnet_tiny_d8")
+    seg = perturb_params(_task(backbone="resnet_tiny_d8"), seed=1)  # weights a fresh task does not have
     torch.save({f"module.{k}": v for k, v in seg.state_dict().items()}, path)
+    assert not torch.equal(_task(backbone="resnet_tiny_d8").backbone.layer3[1].conv1.conv.weight,
+                           seg.backbone.layer3[1].conv1.conv.weight)
     task = _task(backbone="resnet_tiny_d8", pretrained=str(path))
     assert torch.equal(task.backbone.layer3[1].conv1.conv.weight, seg.backbone.layer3[1].conv1.conv.weight)
     with pytest.raises(ValueError, match="no tensor of"):

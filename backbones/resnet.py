@@ -196,13 +196,17 @@ class ResNet(PooledClassifier):
         for stride in strides:
             size = tuple(math.ceil(s / stride) for s in size)
             self.stage_sizes.append(size)
+
+        def is_repmlp(i: int, j: int) -> bool:  # block j of stage c{i+2}; the first block stays a bottleneck
+            return j > 0 and i + 2 in repmlp_stages
+
         if not pad_input:
             _check_partition_fits(self.img_size, self.stage_sizes, strides,
-                                  [i + 2 in repmlp_stages and layers[i] > 1 for i in range(4)], to_pair(partition))
+                                  [any(is_repmlp(i, j) for j in range(layers[i])) for i in range(4)],
+                                  to_pair(partition))
 
         in_channels = stem_width
         for i in range(4):
-            stage_no = i + 2
             size = self.stage_sizes[i]
             dilation = dilations[i]
             blocks: list[nn.Module] = []
@@ -212,7 +216,7 @@ class ResNet(PooledClassifier):
                 stride, dil = (strides[i], max(dilation // 2, 1)) if j == 0 else (1, dilation)
                 if block == "basic":
                     blocks.append(BasicBlock(in_channels, widths[i], stride, dil, deploy, conv_type))
-                elif j == 0 or stage_no not in repmlp_stages:
+                elif not is_repmlp(i, j):
                     blocks.append(Bottleneck(in_channels, mid, widths[i], stride, dil, deploy, conv_type))
                 elif repmlp_block == "bottleneck":
                     blocks.append(RepMLPBottleneck(

@@ -397,7 +397,7 @@ class ModelResult:
     ratio: Optional[float] = None
     ratio_iqr: Optional[tuple[float, float]] = None
     plain_ratio: Optional[float] = None  # train-form / deploy form run with plain (unfused) ops
-    other_layout: Optional[tuple[str, float]] = None  # target only: the train form in the other layout, its ms
+    train_ms_by_layout: Optional[dict[str, float]] = None  # target only: "NCHW" and "channels_last"
     train_ms: Optional[float] = None
     deploy_ms: Optional[float] = None
     repmlp_ms: Optional[tuple[float, float]] = None  # time inside RepMLP blocks: train, deploy
@@ -474,18 +474,17 @@ def bench_model(name: str, args: argparse.Namespace, seed: int) -> ModelResult:
         f"{repmlp_ms[0]:.1f} / {repmlp_ms[1]:.1f}" if repmlp_ms else "–",
         str(timings.rounds), f"+{100 * timings.spread():.0f}%",
     ]
-    other = convs = None
+    by_layout = convs = None
     if train_other is not None:
-        other_name = "NCHW" if args.channels_last else "channels_last"
-        other = (other_name, timings.median_ms("train_other"))
+        layouts = ("channels_last", "NCHW") if args.channels_last else ("NCHW", "channels_last")
+        by_layout = dict(zip(layouts, (timings.median_ms("train"), timings.median_ms("train_other"))))
+        faster = min(by_layout, key=by_layout.get)  # a tie goes to the layout the run was asked for
         progress(f"{name}: profile the convolutions of the deploy form and of the faster train form")
-        if timings.median_ms("train_other") < timings.median_ms("train"):
-            convs = (other_name, conv_profile(train_other, x_other), conv_profile(deploy, x))
-        else:
-            convs = ("channels_last" if args.channels_last else "NCHW", conv_profile(model, x), conv_profile(deploy, x))
+        train_p = conv_profile(model, x) if faster == layouts[0] else conv_profile(train_other, x_other)
+        convs = (faster, train_p, conv_profile(deploy, x))
     return ModelResult(name, row, timings.ratio("train", "deploy"), timings.paired_iqr("train", "deploy"),
-                       timings.ratio("train", "plain"), other, timings.median_ms("train"), timings.median_ms("deploy"),
-                       repmlp_ms, convs=convs, shapes=shapes)
+                       timings.ratio("train", "plain"), by_layout, timings.median_ms("train"),
+                       timings.median_ms("deploy"), repmlp_ms, convs=convs, shapes=shapes)
 
 
 def section_models(names: list[str], args: argparse.Namespace, out: Report) -> list[ModelResult]:
@@ -523,8 +522,7 @@ def section_models(names: list[str], args: argparse.Namespace, out: Report) -> l
         notes += ["the deploy form and its input in channels_last"] if args.channels_last else []
         note = f" (note: {'; '.join(notes)})" if notes else ""
         lo, hi = target.ratio_iqr
-        _, other_ms = target.other_layout
-        nchw_ms, cl_ms = (other_ms, target.train_ms) if args.channels_last else (target.train_ms, other_ms)
+        nchw_ms, cl_ms = target.train_ms_by_layout["NCHW"], target.train_ms_by_layout["channels_last"]
         faster_train_ms = min(nchw_ms, cl_ms)
         strict = faster_train_ms / target.deploy_ms
         # the target compares the forms as built: the train form in torch's default (NCHW) layout

@@ -67,14 +67,14 @@ class SegmentationPNGWriter(BasePredictionWriter):
             raise ValueError(f"predictions.alpha must be in [0, 1], got {alpha}")
         self.dirpath = dirpath
         self.alpha = alpha
-        self.written: list[str] = []
+        self.written: set[str] = set()  # paths written in this predict run
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.folder = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "predictions")
         os.makedirs(self.folder, exist_ok=True)
         palette = getattr(trainer.datamodule, "palette", None) if trainer.datamodule is not None else None
         self.palette = np.asarray(palette, dtype=np.uint8) if palette is not None else _palette(256)
-        self.written = []
+        self.written = set()
         # every rank names from the whole input list, so the names agree; a dataset without a
         # path list is named as its batches arrive
         loaders = trainer.predict_dataloaders
@@ -88,7 +88,7 @@ class SegmentationPNGWriter(BasePredictionWriter):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if not cv2.imwrite(path, image):
             raise OSError(f"cannot write {path}")
-        self.written.append(path)
+        self.written.add(path)
 
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:

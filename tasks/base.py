@@ -227,7 +227,7 @@ class ReparamTask(pl.LightningModule):
         elif not ckpt_deploy and self.deploy:
             self.build_model(deploy=False)
         hints = self.mismatch_hints(state_dict)
-        if source.startswith("backbone file"):
+        if checkpoint.get("backbone_only"):
             heads = sorted({k.split(".")[0] for k in self.state_dict() if not k.startswith("backbone.")} -
                            {k.split(".")[0] for k in state_dict})
             if heads:

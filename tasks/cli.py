@@ -244,10 +244,10 @@ class TaskCLI(LightningCLI):
         self.substitute_checkpoint(config, self.foreign_checkpoint(path, raw))
 
     def foreign_checkpoint(self, path: str, raw: Optional[Mapping[str, Any]]) -> dict[str, Any]:
-        """The Lightning checkpoint content (``state_dict``, ``deploy``, ``backbone``, ``source``) of
-        a non-Lightning file, ``raw`` its ``torch.load`` (None for safetensors). Here: a backbone file,
-        its tensors under ``backbone.``, with its arch and mode for the checks on loading; task CLIs
-        that know other formats override this."""
+        """The Lightning checkpoint content (``state_dict``, ``deploy``, ``backbone``, ``source``,
+        optionally ``backbone_only``) of a non-Lightning file, ``raw`` its ``torch.load`` (None for
+        safetensors). Here: a backbone file, its tensors under ``backbone.``, with its arch and mode
+        for the checks on loading; task CLIs that know other formats override this."""
         state_dict, meta = load_state_dict_file(path)
         state_dict = strip_prefix(state_dict)  # DDP's module.
         if not any(k.startswith("backbone.") for k in state_dict):
@@ -260,6 +260,7 @@ class TaskCLI(LightningCLI):
             "state_dict": state_dict,
             "deploy": deploy,
             "backbone": {"name": meta["arch"]} if isinstance(meta.get("arch"), str) else {},
+            "backbone_only": True,  # the task's heads are not in it (named if the load fails)
             "source": f"backbone file {path}",
         }
 

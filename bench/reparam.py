@@ -348,42 +348,16 @@ def _fc_linear_loop(m: RepMLP, parts: Tensor) -> Tensor:
     )
 
 
-def _gather_bmm(m: RepMLP, x: Tensor) -> Tensor:
-    """A forward-level rewrite of the deploy block with two data passes instead of five: the Global
-    Perceptron's broadcast add is fused into one gather that writes the group-major ``(g, M, Chw/g)``
-    layout (``torch.add(..., out=)``), fc3 is one ``baddbmm`` (bias fused), and its ``(g, M, Ohw/g)``
-    result is scattered straight back to ``(n, O, H, W)``. The block instead makes the GP add, the
-    partition copy, the transposed-output copy, the bias add and the final permute copy.
-    Needs a change to ``RepMLP.forward``, not only ``_partition_fc``."""
-    g, C, O = m.groups, m.in_channels, m.out_channels
-    (H, W), (h, w), (hp, wp) = m.input_size, m.partition, m.num_partitions
-    Hp, Wp = m.padded_size
-    n, cg, og = x.shape[0], C // g, O // g
-    if (Hp, Wp) != (H, W):
-        x = F.pad(x, [0, Wp - W, 0, Hp - H])
-    src = x.reshape(n, g, cg, hp, h, wp, w).permute(1, 0, 3, 5, 2, 4, 6)  # (g, n, hp, wp, cg, h, w) view
-    a = x.new_empty(g, n, hp, wp, cg, h, w)
-    if m.has_global_perceptron:
-        v = m.fc2(F.relu(m.fc1(F.avg_pool2d(x, (h, w)).flatten(1))))
-        torch.add(src, v.reshape(n, g, cg, hp, 1, wp, 1).permute(1, 0, 3, 5, 2, 4, 6), out=a)
-    else:
-        a.copy_(src)
-    out = torch.baddbmm(m.fc3.bias.reshape(g, 1, og * h * w), a.view(g, n * hp * wp, cg * h * w),
-                        m.fc3.weight.reshape(g, og * h * w, cg * h * w).transpose(1, 2))
-    out = out.view(g, n, hp, wp, og, h, w).permute(1, 0, 4, 2, 5, 3, 6).reshape(n, O, Hp, Wp)
-    if (Hp, Wp) != (H, W):
-        out = out[:, :, :H, :W]
-    return out
-
-
 # name → (description, how it is run). "module:<impl>" runs RepMLP.forward with that fc3_impl.
 FC3_VARIANTS: dict[str, tuple[str, Any]] = {
-    "bmm": ("RepMLP fc3_impl='bmm' (module forward)", "module:bmm"),
+    "bmm": ("RepMLP fc3_impl='bmm' (module forward: GP add fused into one group-major gather, baddbmm, "
+            "direct scatter)", "module:bmm"),
+    "split-bmm": ("split_partitions → grouped bmm → bias add → merge_partitions (what the train-time path "
+                  "does around fc3)", _with_fc(lambda m, parts: m._partition_fc(parts))),
     "conv": ("RepMLP fc3_impl='conv', grouped 1x1 conv (module forward)", "module:conv"),
     "baddbmm": ("bmm with the bias fused in (fits in _partition_fc)", _with_fc(_fc_baddbmm)),
     "einsum": ("torch.einsum over groups (fits in _partition_fc)", _with_fc(_fc_einsum)),
     "linear-loop": ("one F.linear per group + cat (fits in _partition_fc)", _with_fc(_fc_linear_loop)),
-    "gather-bmm": ("GP add fused into one group-major gather, baddbmm, direct scatter (needs a forward change)", _gather_bmm),
     "bmm-NHWC": ("fc3_impl='bmm' on a channels_last input", "module:bmm:channels_last"),
 }
 MODULE_IMPLS = ("bmm", "conv")  # the formulations RepMLP offers (what DEFAULT_FC3_IMPL can choose)

@@ -117,6 +117,19 @@ def test_training_mode_runs_and_backpropagates():
     assert x.grad.shape == x.shape and block.fc3.weight.grad.abs().sum() > 0
 
 
+
+@pytest.mark.parametrize("fc3_impl", ["bmm", "conv"])
+def test_deploy_block_backpropagates_and_matches_its_no_grad_output(fc3_impl):
+    """The deploy forward takes another path under autograd (no out= argument): same values."""
+    block = reparameterize_model(randomize_bn(RepMLP(8, 16, (13, 11), (7, 5), (1, 3), groups=2, pad_input=True,
+                                                     fc3_impl=fc3_impl)))
+    x = torch.randn(4, 8, 13, 11, requires_grad=True)
+    out = block(x)
+    with torch.no_grad():
+        assert max_relative_error(out.detach(), block(x)) <= 1e-6
+    out.square().mean().backward()
+    assert x.grad.abs().sum() > 0 and block.fc1.weight.grad.abs().sum() > 0 and block.fc3.weight.grad.abs().sum() > 0
+
 # ---------------------------------------------------------------- bad input: clear errors
 def test_wrong_input_size_names_expected_and_actual():
     block = RepMLP(8, 8, (14, 14), (7, 7))

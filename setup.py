@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["backbones", "backbones.*", "tasks", "tasks.*", "datamodules",
                                     "datamodules.*", "callbacks", "callbacks.*"]) + ["tasks.configs"],
-    # a non-editable install ships configs/ as tasks/configs (tasks.cli looks there when there is
+    # a non-editable install ships configs/ as tasks/configs (tasks.lightning.cli looks there when there is
     # no source tree beside the package)
     package_dir={"tasks.configs": "configs"},
     package_data={"tasks.configs": ["*/*.yaml"]},

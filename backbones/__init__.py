@@ -3,20 +3,19 @@
 ``backbones.create(name, **kwargs)`` builds a registered model; ``backbones.list_models()``
 lists them; ``backbones.reparameterize_model(model)`` converts any model to its deploy form.
 """
-from . import faceresnet, mobilefacenet, mobileone, replknet, repvgg, resnet  # noqa: F401  (register their factories)
-from .acb import ACBlock
-from .convbn import ConvBN
-from .dbb import DiverseBranchBlock
-from .mobileone import MobileOneBlock
-from .orepa import OREPA
-from .replknet import ReparamLargeKernelConv
-from .registry import create, input_size, list_models, register_model
-from .reparam import max_relative_error, model_relative_error, reparameterize_model
-from .reparam_block import ReparamBlock
-from .repmlp import RepMLP
-from .repmlp_blocks import RepMLPBottleneck, RepMLPLight
-from .repvgg import RepVGGBlock
-from .resnet import BasicBlock, Bottleneck, ResNet
+from .layers.acb import ACBlock
+from .layers.convbn import ConvBN
+from .layers.dbb import DiverseBranchBlock
+from .layers.mobileone import MobileOneBlock
+from .layers.orepa import OREPA
+from .layers.large_kernel import ReparamLargeKernelConv
+from .models import create, input_size, list_models, register_model
+from .reparam.walker import max_relative_error, model_relative_error, reparameterize_model
+from .reparam.block import ReparamBlock
+from .layers.repmlp import RepMLP
+from .layers.repmlp_blocks import RepMLPBottleneck, RepMLPLight
+from .layers.repvgg import RepVGGBlock
+from .models.resnet import BasicBlock, Bottleneck, ResNet
 
 __all__ = [
     "ACBlock", "BasicBlock", "Bottleneck", "ConvBN", "DiverseBranchBlock", "MobileOneBlock", "OREPA",

@@ -22,21 +22,19 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .checkpoint import (
-    CLI_ERRORS,
+from .cli_common import CLI_ERRORS, parse_model_kwargs, report_cli_error
+from .complexity import count_params, input_channels
+from .models.registry import create, model_input_size
+from .reparam.walker import model_relative_error, reparameterize_model
+from .weights.io import (
     TASK_PREFIXES,
     load_into,
     load_state_dict_file,
-    parse_model_kwargs,
-    report_cli_error,
     save_checkpoint,
     select_prefix,
     state_dict_mode,
     strip_prefix,
 )
-from .complexity import count_params, input_channels
-from .registry import create, model_input_size
-from .reparam import model_relative_error, reparameterize_model
 
 __all__ = ["ConversionError", "convert_checkpoint", "main"]
 
@@ -83,7 +81,7 @@ def convert_checkpoint(
 
     Args:
         arch: registered model name.
-        src: train-time checkpoint (any form :func:`~backbones.checkpoint.load_state_dict_file` reads).
+        src: train-time checkpoint (any form :func:`~backbones.weights.io.load_state_dict_file` reads).
         dst: output; ``*.safetensors`` or torch format otherwise, with arch/model_kwargs/deploy recorded.
         num_classes: classifier size; default: recorded, else the rows of ``fc.weight`` (or
             ``head.fc.weight``), else 0.

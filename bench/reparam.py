@@ -51,8 +51,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import backbones
 from backbones.complexity import count_macs, count_params, input_channels
-from backbones.fused_conv import fusion, fusion_enabled
-from backbones.repmlp import DEFAULT_FC3_IMPL, RepMLP
+from backbones.deploy.fused_conv import fusion, fusion_enabled
+from backbones.layers.repmlp import DEFAULT_FC3_IMPL, RepMLP
 
 TARGET_MODEL = "repmlp_res50_g8_224"
 TARGET_RATIO = 1.3  # the issue: deploy >= 1.3x faster than the train-time form (eval) at batch 8
@@ -480,7 +480,7 @@ def section_models(names: list[str], args: argparse.Namespace, out: Report) -> l
         "affine parameters. Convert: one `backbones.reparameterize_model` call (includes its deep copy). "
         "Latency: medians over interleaved rounds; train/deploy > 1 means the deploy form is faster. The deploy "
         "form runs each conv with its bias, residual add and ReLU as one oneDNN kernel on a weight prepacked once "
-        f"(`backbones.fused_conv`, {'on' if fusion_enabled() else 'NOT available in this torch build'}); "
+        f"(`backbones.deploy.fused_conv`, {'on' if fusion_enabled() else 'NOT available in this torch build'}); "
         "\"plain ops\" times the same deploy model with that off (`fusion(False)`), i.e. what BN folding and the "
         "merges alone give. "
         "\"In RepMLP blocks\": median wall time per forward spent inside the RepMLP blocks (forward hooks), "

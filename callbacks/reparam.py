@@ -30,7 +30,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
-from backbones.checkpoint import save_deploy_checkpoint
+from backbones.weights.io import save_deploy_checkpoint
 
 __all__ = ["ReparamCallback", "ReparamCheckError"]
 

@@ -10,7 +10,7 @@
   the checkpoint markers that let ``test --ckpt_path deploy.ckpt`` rebuild the deploy structure
   (:meth:`on_save_checkpoint` / :meth:`on_load_checkpoint`), with clear errors for a checkpoint of
   another backbone or shape;
-- the global RNG states in every training checkpoint, restored on resume (:mod:`tasks.rng_state`);
+- the global RNG states in every training checkpoint, restored on resume (:mod:`tasks.lightning.rng_state`);
 - ``results.json`` in the log folder after every test run (:meth:`on_test_end`).
 
 Subclasses add the head, the loss, the metrics and the steps.
@@ -28,12 +28,11 @@ import torch
 from torch import Tensor, nn
 
 from backbones import create, reparameterize_model
-from backbones.checkpoint import check_fits, load_state_dict_file, state_dict_mode
 from backbones.complexity import count_macs, count_params
-from backbones.registry import model_input_size
-from backbones.reparam import max_relative_error
-
-from .rng_state import rng_state, set_rng_state
+from backbones.models.registry import model_input_size
+from backbones.reparam.walker import max_relative_error
+from backbones.weights.io import check_fits, load_state_dict_file, state_dict_mode
+from tasks.lightning.rng_state import rng_state, set_rng_state
 
 __all__ = ["ReparamTask", "RESULTS_FILE"]
 

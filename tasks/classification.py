@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from callbacks.prediction_csv import TopKCSVWriter
 from datamodules.imagenet import ImageNetDataModule
 from tasks.base import ReparamTask
-from tasks.cli import CONFIG_DIR, TaskCLI
+from tasks.lightning.cli import CONFIG_DIR, TaskCLI
 
 __all__ = ["ClassificationTask", "ClassificationCLI", "main"]
 

@@ -5,12 +5,12 @@
     python -m tasks.face test -c CONFIG --ckpt_path runs/.../deploy.ckpt
     python -m tasks.face predict -c CONFIG --ckpt_path runs/.../deploy.ckpt --data.predict_root FOLDER
 
-Training classifies the training identities with a margin head (:mod:`tasks.margin_head`) on top of
+Training classifies the training identities with a margin head (:mod:`tasks.heads.margin`) on top of
 the backbone's embedding. The head is training-only: the deploy model is the backbone, and
 validation/test follow insightface's verification protocol on every configured set (LFW,
 CFP-FP, AgeDB-30, ...): the embedding of a face is the L2-normalized sum of the embeddings of
 the image and its horizontal flip, and pairs are scored by 10-fold accuracy on the squared
-distance (:mod:`tasks.verification_metric`).
+distance (:mod:`tasks.metrics.verification`).
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from torch import Tensor, nn
 from callbacks.embedding_npy import EmbeddingWriter
 from datamodules.faces import FaceDataModule
 from tasks.base import ReparamTask
-from tasks.cli import CONFIG_DIR, TaskCLI
-from tasks.margin_head import MarginHead, MarginLoss
-from tasks.verification_metric import FaceVerification
+from tasks.heads.margin import MarginHead, MarginLoss
+from tasks.lightning.cli import CONFIG_DIR, TaskCLI
+from tasks.metrics.verification import FaceVerification
 
 __all__ = ["FaceTask", "FaceCLI", "main"]
 

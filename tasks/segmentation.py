@@ -7,7 +7,7 @@
 
 Module names follow mmseg's ``EncoderDecoder`` (``backbone``, ``decode_head``, ``auxiliary_head``),
 so an mmseg PSPNet checkpoint loads after renaming only the backbone's keys
-(:mod:`backbones.mmseg_compat`).
+(:mod:`backbones.weights.mmseg`).
 
 A RepMLP backbone is built for one input size: the training crop. Inference therefore defaults
 to a sliding window of exactly that size (``inference="slide"``); windows that overrun the image
@@ -23,14 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from backbones.checkpoint import load_state_dict_file, select_prefix, strip_prefix
-from backbones.decode_heads import FCNHead, PSPHead
-from backbones.mmseg_compat import convert_mmseg_state_dict, is_mmseg_checkpoint
+from backbones.weights.io import load_state_dict_file, select_prefix, strip_prefix
+from backbones.weights.mmseg import convert_mmseg_state_dict, is_mmseg_checkpoint
 from callbacks.segmentation_png import SegmentationPNGWriter
 from datamodules.cityscapes import CityscapesDataModule
 from tasks.base import ReparamTask
-from tasks.cli import CONFIG_DIR, TaskCLI
-from tasks.segmentation_metric import SegmentationIoU, check_label_range
+from tasks.heads.decode import FCNHead, PSPHead
+from tasks.lightning.cli import CONFIG_DIR, TaskCLI
+from tasks.metrics.segmentation import SegmentationIoU, check_label_range
 
 __all__ = ["SegmentationTask", "SegmentationCLI", "main"]
 

@@ -1,0 +1,19 @@
+"""Building blocks: ConvBN, the conv re-parameterization family (ACB, RepVGG, DBB, OREPA, MobileOne,
+large kernel), RepMLP and its ResNet blocks, and small shared pieces. One file per block."""
+from .acb import ACBlock
+from .classifier import PooledClassifier
+from .convbn import ConvBN
+from .dbb import DiverseBranchBlock
+from .drop_path import DropPath
+from .large_kernel import ReparamLargeKernelConv
+from .merged_conv import MergedConvBlock
+from .mobileone import MobileOneBlock
+from .orepa import OREPA
+from .repmlp import RepMLP
+from .repmlp_blocks import RepMLPBottleneck, RepMLPLight
+from .repvgg import RepVGGBlock
+
+__all__ = [
+    "ACBlock", "PooledClassifier", "ConvBN", "DiverseBranchBlock", "DropPath", "ReparamLargeKernelConv",
+    "MergedConvBlock", "MobileOneBlock", "OREPA", "RepMLP", "RepMLPBottleneck", "RepMLPLight", "RepVGGBlock",
+]

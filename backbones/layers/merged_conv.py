@@ -1,0 +1,117 @@
+"""MergedConvBlock: the base of every block whose deploy form is one conv (ACB, RepVGG, DBB, OREPA, MobileOne, large kernel)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..deploy.fused_conv import add_act, conv_act
+from ..reparam.block import ReparamBlock, assign_parameter
+
+__all__ = ["MergedConvBlock", "PADDING_MODES"]
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+class MergedConvBlock(ReparamBlock):
+    """Parallel (or composed) conv branches whose deploy form is one conv, ``reparam_conv``, then ``act``.
+
+    ``(N, in_channels, H, W)`` → ``(N, out_channels, H', W')`` with the arithmetic of one
+    ``kernel_size`` conv of this ``stride``, ``dilation`` and "same" padding ``dilation * (k // 2)``.
+    Subclasses build their branches when ``not deploy`` and implement ``forward_branches`` and
+    ``merge_branches`` (pure, differentiable); conversion, the deploy conv (its geometry
+    from the constructor, so ``deploy=True`` builds the same keys) and the forward live here.
+    Every padding mode is exact for branches that share the centre: reflect, replicate and circular
+    padding values depend on the position only, not on how wide a branch pads.
+    """
+
+    supports_dilation = True
+    dilation_reason = ""  # why not, when supports_dilation is False
+    any_padding = False  # True: a block that is one conv at train time accepts any padding
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: Optional[int] = None,
+        dilation: int = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        act: bool = False,
+        deploy: bool = False,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"{name}: kernel_size must be an odd int, got {kernel_size!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"{name}: groups={groups} must divide in_channels={in_channels} "
+                             f"and out_channels={out_channels}")
+        if dilation != 1 and not self.supports_dilation:
+            raise ValueError(f"{name}: dilation={dilation} is not supported ({self.dilation_reason}); "
+                             "use ConvBN, ACBlock or OREPA for dilated convs")
+        same = dilation * (kernel_size // 2)
+        if padding is None:
+            padding = same
+        elif padding != same and not self.any_padding:
+            raise ValueError(f"{name}: padding={padding} is not supported; the branches align only with "
+                             f"'same' padding dilation*(kernel_size//2) = {same} (pass padding=None)")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"{name}: padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.padding_mode = padding_mode
+        self.deploy = deploy
+        if deploy:
+            self.reparam_conv = self.new_conv()
+        self.act = nn.ReLU(inplace=True) if act else nn.Identity()
+
+    def new_conv(self, device: Optional[torch.device | str] = None) -> nn.Conv2d:
+        """The deploy conv: this block's geometry, with a bias."""
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, bias=True, padding_mode=self.padding_mode, device=device)
+
+    def conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        """``x`` through a conv of this block's geometry with the given weights (any padding mode)."""
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, [padding] * 4, mode=self.padding_mode)
+            padding = 0
+        return F.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+
+    def forward_branches(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def merge_branches(self) -> tuple[Tensor, Tensor]:
+        """The train-time branches as one ``(kernel, bias)``."""
+        raise NotImplementedError
+
+    def get_equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        """``(O, C/g, k, k)`` kernel and ``(O,)`` bias of ``reparam_conv`` (differentiable)."""
+        if self.deploy:
+            return self.reparam_conv.weight, self.reparam_conv.bias
+        return self.merge_branches()
+
+    def _build_deploy(self) -> None:
+        kernel, bias = self.get_equivalent_kernel_bias()
+        for name in [n for n in self._modules if n != "act"] + list(self._parameters) + list(self._buffers):
+            delattr(self, name)
+        conv = self.new_conv(device="meta")  # no init work: both tensors are replaced
+        assign_parameter(conv, "weight", kernel)
+        assign_parameter(conv, "bias", bias)
+        self.reparam_conv = conv
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """``act(branches(x) + residual)``; ``residual`` (optional) has the output's shape."""
+        if self.deploy:
+            return conv_act(self.reparam_conv, x, self.act, residual)
+        return add_act(self.forward_branches(x), residual, self.act)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"dilation={self.dilation}, groups={self.groups}, padding_mode={self.padding_mode}, "
+                f"deploy={self.deploy}")

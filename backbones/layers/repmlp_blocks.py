@@ -1,0 +1,95 @@
+"""Residual blocks built around a RepMLP block: the Bottleneck and the Light block (paper §4, App. A).
+
+Module names follow the official v1 code without its prefixes (``btnk_conv1`` → ``conv1``),
+so official checkpoints map by renaming alone. Both blocks keep their input size:
+``(N, in_channels, H, W)`` → ``(N, out_channels, H, W)``.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..reparam.block import ReparamBlock
+from .convbn import ConvBN
+from .repmlp import DEFAULT_FC3_IMPL, Fc3Impl, Kernels, RepMLP
+
+
+def _shortcut(in_channels: int, out_channels: int, deploy: bool) -> nn.Module:
+    if in_channels == out_channels:
+        return nn.Identity()
+    return ConvBN(in_channels, out_channels, 1, deploy=deploy)
+
+
+class RepMLPBottleneck(ReparamBlock):
+    """1x1 → 3x3 (reduce by r) → RepMLP → ReLU → 3x3 (expand) → 1x1, plus shortcut, then ReLU.
+
+    The RepMLP block works on ``mid_channels // r`` channels, which keeps its FC small.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        mid_channels: int,
+        out_channels: int,
+        input_size: int | tuple[int, int],
+        partition: int | tuple[int, int],
+        r: int = 2,
+        kernels: Kernels = (1, 3, 5),
+        groups: int = 1,
+        fc1_reduction: int = 1,
+        pad_input: bool = False,
+        dilation: int = 1,
+        fc3_impl: Fc3Impl = DEFAULT_FC3_IMPL,
+        deploy: bool = False,
+    ) -> None:
+        super().__init__()
+        if mid_channels % r:
+            raise ValueError(f"RepMLPBottleneck: r={r} must divide mid_channels={mid_channels}")
+        inner = mid_channels // r
+        self.deploy = deploy
+        self.conv1 = ConvBN(in_channels, mid_channels, 1, act=True, deploy=deploy)
+        self.conv2 = ConvBN(mid_channels, inner, 3, dilation=dilation, act=True, deploy=deploy)
+        self.repmlp = RepMLP(
+            inner, inner, input_size, partition, kernels, groups, fc1_reduction, pad_input, fc3_impl, deploy
+        )
+        self.conv4 = ConvBN(inner, mid_channels, 3, dilation=dilation, act=True, deploy=deploy)
+        self.conv5 = ConvBN(mid_channels, out_channels, 1, act=True, deploy=deploy)  # ReLU after the add
+        self.shortcut = _shortcut(in_channels, out_channels, deploy)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv2(self.conv1(x))
+        out = self.relu(self.repmlp(out))
+        return self.conv5(self.conv4(out), residual=self.shortcut(x))
+
+
+class RepMLPLight(ReparamBlock):
+    """1x1 (to ``mid_channels``, the paper uses channels // 8) → RepMLP → ReLU → 1x1, plus shortcut, then ReLU."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        mid_channels: int,
+        out_channels: int,
+        input_size: int | tuple[int, int],
+        partition: int | tuple[int, int],
+        kernels: Kernels = (1, 3, 5),
+        groups: int = 1,
+        fc1_reduction: int = 1,
+        pad_input: bool = False,
+        fc3_impl: Fc3Impl = DEFAULT_FC3_IMPL,
+        deploy: bool = False,
+    ) -> None:
+        super().__init__()
+        self.deploy = deploy
+        self.conv1 = ConvBN(in_channels, mid_channels, 1, act=True, deploy=deploy)
+        self.repmlp = RepMLP(
+            mid_channels, mid_channels, input_size, partition, kernels, groups, fc1_reduction, pad_input,
+            fc3_impl, deploy,
+        )
+        self.conv3 = ConvBN(mid_channels, out_channels, 1, act=True, deploy=deploy)  # ReLU after the add
+        self.shortcut = _shortcut(in_channels, out_channels, deploy)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.repmlp(self.conv1(x)))
+        return self.conv3(out, residual=self.shortcut(x))

@@ -1,0 +1,11 @@
+"""Helpers shared by the network families."""
+from __future__ import annotations
+
+
+def check_embedding_only(name: str, num_classes: int) -> None:
+    """Face backbones end in an embedding; identities are classified by the task's margin head."""
+    if num_classes:
+        raise ValueError(
+            f"{name}: num_classes must be 0 (a face backbone outputs an embedding; the identity "
+            f"classifier is the face task's margin head), got {num_classes}"
+        )

@@ -1,0 +1,205 @@
+"""RepLKNet (Ding et al., CVPR 2022): depthwise 31x31 convs with a parallel small kernel.
+
+``ReparamLargeKernelConv``: a large depthwise KxK conv-BN plus a small kxk conv-BN, summed; the
+small kernel is zero-padded into the large one at deploy. ``RepLKBlock`` (pre-BN → 1x1 → large
+kernel → 1x1, residual) and ``ConvFFN`` (pre-BN → 1x1 → GELU → 1x1, residual) alternate in each
+stage. At deploy every BN is folded: the pre-BNs into the following 1x1 conv (exact because a
+1x1 conv without padding sees no border), the final BN into a per-channel scale and shift of the
+pooled features (exact because average pooling commutes with a per-channel affine map). The
+official ``deep_fuse_BN`` is a silent no-op with its default SyncBatchNorm; this conversion
+refuses SyncBatchNorm instead.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..layers.classifier import PooledClassifier
+from ..layers.convbn import ConvBN
+from ..layers.drop_path import DropPath
+from ..layers.large_kernel import ReparamLargeKernelConv
+from ..reparam.block import ReparamBlock, assign_parameter
+from ..reparam.math import bn_scale_shift, fuse_bn_before_linear
+from ..reparam.walker import convert_children
+from .registry import register_model
+
+
+class PreBNResidual(ReparamBlock):
+    """``x + drop_path(body(pre_bn(x)))`` where ``body`` starts with the 1x1 ConvBN ``pw1``.
+
+    Deploy: the pre-BN is folded into ``pw1`` (a BN before a padding-free 1x1 conv is exact).
+    """
+
+    def __init__(self, channels: int, drop_path: float, deploy: bool) -> None:
+        super().__init__()
+        self.deploy = deploy
+        if not deploy:
+            self.pre_bn = nn.BatchNorm2d(channels)
+        self.drop_path = DropPath(drop_path)
+
+    def body(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.drop_path(self.body(x if self.deploy else self.pre_bn(x)))
+
+    def _build_deploy(self) -> None:
+        convert_children(self)
+        conv = self.pw1.conv
+        weight, bias = fuse_bn_before_linear(conv.weight.flatten(1), conv.bias, self.pre_bn)
+        assign_parameter(conv, "weight", weight.reshape_as(conv.weight))
+        assign_parameter(conv, "bias", bias)
+        del self.pre_bn
+
+
+class RepLKBlock(PreBNResidual):
+    """pre-BN → 1x1 ConvBN-ReLU → large-kernel depthwise conv → ReLU → 1x1 ConvBN, plus the input.
+
+    ``(N, C, H, W)`` → ``(N, C, H, W)``; ``dw_channels`` is the width of the depthwise conv.
+    """
+
+    def __init__(self, channels: int, dw_channels: int, kernel_size: int, small_kernel: Optional[int],
+                 drop_path: float = 0.0, deploy: bool = False) -> None:
+        super().__init__(channels, drop_path, deploy)
+        self.pw1 = ConvBN(channels, dw_channels, 1, act=True, deploy=deploy)
+        self.large_kernel = ReparamLargeKernelConv(dw_channels, dw_channels, kernel_size, groups=dw_channels,
+                                                   small_kernel=small_kernel, act=True, deploy=deploy)
+        self.pw2 = ConvBN(dw_channels, channels, 1, deploy=deploy)
+
+    def body(self, x: Tensor) -> Tensor:
+        return self.pw2(self.large_kernel(self.pw1(x)))
+
+
+class ConvFFN(PreBNResidual):
+    """pre-BN → 1x1 ConvBN → GELU → 1x1 ConvBN, plus the input: ``(N, C, H, W)`` → ``(N, C, H, W)``."""
+
+    def __init__(self, channels: int, hidden: int, drop_path: float = 0.0, deploy: bool = False) -> None:
+        super().__init__(channels, drop_path, deploy)
+        self.pw1 = ConvBN(channels, hidden, 1, deploy=deploy)
+        self.act = nn.GELU()
+        self.pw2 = ConvBN(hidden, channels, 1, deploy=deploy)
+
+    def body(self, x: Tensor) -> Tensor:
+        return self.pw2(self.act(self.pw1(x)))
+
+
+class RepLKNet(PooledClassifier):
+    """RepLKNet: a 4-conv stem (stride 4), then four stages of (RepLKBlock, ConvFFN) pairs joined by
+    stride-2 transitions, and ``head``: a final BN, average pooling and the classifier.
+
+    ``(N, in_chans, H, W)`` → logits ``(N, num_classes)``; headless (``num_classes=0``): pooled
+    ``(N, channels[-1])`` features.
+
+    Args:
+        kernels: large kernel size per stage.
+        layers: (RepLKBlock, ConvFFN) pairs per stage.
+        channels: width per stage.
+        small_kernel: the parallel small kernel (None: none).
+        dw_ratio: depthwise width of a RepLKBlock relative to the stage width.
+        ffn_ratio: hidden width of a ConvFFN relative to the stage width.
+        drop_path_rate: stochastic depth, rising linearly to this value over the blocks.
+        num_classes, in_chans, img_size, deploy: as for every registered model.
+    """
+
+    def __init__(
+        self,
+        kernels: tuple[int, int, int, int] = (31, 29, 27, 13),
+        layers: tuple[int, int, int, int] = (2, 2, 18, 2),
+        channels: tuple[int, int, int, int] = (128, 256, 512, 1024),
+        small_kernel: Optional[int] = 5,
+        dw_ratio: float = 1.0,
+        ffn_ratio: float = 4.0,
+        drop_path_rate: float = 0.3,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        img_size: int | tuple[int, int] = 224,
+        deploy: bool = False,
+    ) -> None:
+        if not len(kernels) == len(layers) == len(channels) == 4:
+            raise ValueError(f"RepLKNet: kernels, layers and channels need one value per stage, "
+                             f"got {kernels}, {layers}, {channels}")
+        super().__init__(channels[-1], num_classes, img_size, deploy)
+        c0 = channels[0]
+        self.stem = nn.Sequential(
+            ConvBN(in_chans, c0, 3, 2, act=True, deploy=deploy),
+            ConvBN(c0, c0, 3, groups=c0, act=True, deploy=deploy),
+            ConvBN(c0, c0, 1, act=True, deploy=deploy),
+            ConvBN(c0, c0, 3, 2, groups=c0, act=True, deploy=deploy),
+        )
+        count = 2 * sum(layers)  # python floats, not torch.linspace: models are also built on the meta device
+        rates = [drop_path_rate * i / max(count - 1, 1) for i in range(count)]
+        for i, (k, n, c) in enumerate(zip(kernels, layers, channels)):
+            blocks: list[nn.Module] = []
+            for _ in range(n):
+                blocks.append(RepLKBlock(c, int(c * dw_ratio), k, small_kernel, rates.pop(0), deploy))
+                blocks.append(ConvFFN(c, int(c * ffn_ratio), rates.pop(0), deploy))
+            self.add_module(f"stage{i + 1}", nn.Sequential(*blocks))
+            if i < 3:
+                nxt = channels[i + 1]
+                self.add_module(f"transition{i + 1}", nn.Sequential(
+                    ConvBN(c, nxt, 1, act=True, deploy=deploy),
+                    ConvBN(nxt, nxt, 3, 2, groups=nxt, act=True, deploy=deploy),
+                ))
+        self.head = NormPoolHead(self.num_features, num_classes, deploy)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last stage's map ``(N, channels[-1], H/32, W/32)`` (before the final BN)."""
+        x = self.stem(x)
+        for i in range(1, 5):
+            x = getattr(self, f"stage{i}")(x)
+            if i < 4:
+                x = getattr(self, f"transition{i}")(x)
+        return x
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        return self.head(features, pre_logits)
+
+
+class NormPoolHead(ReparamBlock):
+    """BN → global average pool → ``fc``: ``(N, C, H, W)`` → ``(N, num_classes)``, or the pooled,
+    normalized ``(N, C)`` when headless or ``pre_logits``.
+
+    Deploy: in eval mode the BN is a per-channel affine map, which commutes with average pooling,
+    so it becomes ``scale``/``shift`` on the pooled ``(N, C)`` vector (no BN left, and ``pre_logits``
+    features stay equal). A child module, not the backbone's own code, so that walkers that visit
+    children only (timm's ``reparameterize_model``) convert it too.
+    """
+
+    def __init__(self, channels: int, num_classes: int, deploy: bool = False) -> None:
+        super().__init__()
+        self.deploy = deploy
+        if deploy:
+            self.scale = nn.Parameter(torch.ones(channels))
+            self.shift = nn.Parameter(torch.zeros(channels))
+        else:
+            self.norm = nn.BatchNorm2d(channels)
+        self.fc = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _build_deploy(self) -> None:
+        scale, shift = bn_scale_shift(self.norm)
+        assign_parameter(self, "scale", scale)
+        assign_parameter(self, "shift", shift)
+        del self.norm
+
+    def forward(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        if self.deploy:
+            pooled = F.adaptive_avg_pool2d(features, 1).flatten(1) * self.scale + self.shift
+        else:
+            pooled = F.adaptive_avg_pool2d(self.norm(features), 1).flatten(1)
+        return pooled if pre_logits else self.fc(pooled)
+
+
+@register_model
+def replknet_31b(**kwargs: Any) -> RepLKNet:
+    """RepLKNet-31B: kernels 31/29/27/13 with a parallel 5x5; 83.5% ImageNet top-1 at 224, 79M parameters."""
+    return RepLKNet(**kwargs)
+
+
+@register_model
+def replknet_31b_tiny(**kwargs: Any) -> RepLKNet:
+    """A 64x64-input RepLKNet for tests: kernels 13/11/7/5 with a parallel 3x3, one pair per stage."""
+    return RepLKNet(**{"kernels": (13, 11, 7, 5), "layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128),
+                       "small_kernel": 3, "drop_path_rate": 0.1, "img_size": 64, "num_classes": 10, **kwargs})

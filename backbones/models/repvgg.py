@@ -1,0 +1,102 @@
+"""RepVGG (Ding et al., CVPR 2021) and its quantization-friendly variant QARepVGG (Chu et al., 2022).
+
+RepVGG block, train time: KxK conv-BN + 1x1 conv-BN + identity BN (when in == out and stride 1),
+summed, then ReLU; deploy: one KxK conv + ReLU, a plain VGG. QARepVGG drops the BNs of the 1x1
+and identity branches and puts one BN after the sum, which keeps the fused kernel's range
+quantizable (INT8); it converts to the same plain conv.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..layers.classifier import PooledClassifier
+from ..layers.repvgg import RepVGGBlock
+from .registry import register_model
+
+
+class RepVGG(PooledClassifier):
+    """RepVGG: a stem block and four stages of RepVGG blocks (the first of each with stride 2).
+
+    ``(N, in_chans, H, W)`` → logits ``(N, num_classes)``, or pooled ``(N, widths[-1])`` features
+    when ``num_classes=0``. Any input size works; ``img_size`` only records the training size.
+
+    Args:
+        num_blocks: blocks per stage.
+        widths: output channels per stage.
+        stem_width: channels of the stride-2 stem block.
+        quant_friendly: build QARepVGG blocks.
+        num_classes, in_chans, img_size, deploy: as for every registered model.
+    """
+
+    def __init__(
+        self,
+        num_blocks: tuple[int, int, int, int] = (2, 4, 14, 1),
+        widths: tuple[int, int, int, int] = (48, 96, 192, 1280),
+        stem_width: int = 48,
+        quant_friendly: bool = False,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        img_size: int | tuple[int, int] = 224,
+        deploy: bool = False,
+    ) -> None:
+        if len(num_blocks) != 4 or len(widths) != 4:
+            raise ValueError(f"RepVGG: num_blocks and widths need one value per stage, got {num_blocks}, {widths}")
+        super().__init__(widths[-1], num_classes, img_size, deploy)
+        self.stem = RepVGGBlock(in_chans, stem_width, 3, 2, quant_friendly=quant_friendly, deploy=deploy)
+        in_channels = stem_width
+        for i, (n, width) in enumerate(zip(num_blocks, widths)):
+            blocks = []
+            for j in range(n):
+                blocks.append(RepVGGBlock(in_channels, width, 3, 2 if j == 0 else 1,
+                                          quant_friendly=quant_friendly, deploy=deploy))
+                in_channels = width
+            self.add_module(f"stage{i + 1}", nn.Sequential(*blocks))
+        self.add_classifier()
+
+
+def _widths(a: float, b: float) -> dict[str, Any]:
+    """The paper's width multipliers: stages 64a, 128a, 256a, 512b; stem min(64, 64a)."""
+    return dict(widths=(int(64 * a), int(128 * a), int(256 * a), int(512 * b)), stem_width=min(64, int(64 * a)))
+
+
+_A = dict(num_blocks=(2, 4, 14, 1), **_widths(0.75, 2.5))
+_B0 = dict(num_blocks=(4, 6, 16, 1), **_widths(1.0, 2.5))
+_TINY = dict(num_blocks=(1, 2, 2, 1), widths=(16, 32, 64, 128), stem_width=16, img_size=64, num_classes=10)
+
+
+@register_model
+def repvgg_a0(**kwargs: Any) -> RepVGG:
+    """RepVGG-A0: 72.41% ImageNet top-1; 8.30M parameters deployed (9.11M at train time)."""
+    return RepVGG(**{**_A, **kwargs})
+
+
+@register_model
+def repvgg_b0(**kwargs: Any) -> RepVGG:
+    """RepVGG-B0: 75.14% ImageNet top-1; 14.33M parameters deployed."""
+    return RepVGG(**{**_B0, **kwargs})
+
+
+@register_model
+def qarepvgg_a0(**kwargs: Any) -> RepVGG:
+    """RepVGG-A0 with QARepVGG blocks (BN-free 1x1 and identity branches, BN after the sum)."""
+    return RepVGG(**{**_A, "quant_friendly": True, **kwargs})
+
+
+@register_model
+def repvgg_a0_tiny(**kwargs: Any) -> RepVGG:
+    """A 64x64-input RepVGG for tests and the demo (blocks 1,2,2,1; widths 16..128)."""
+    return RepVGG(**{**_TINY, **kwargs})
+
+
+@register_model
+def repvgg_b0_tiny(**kwargs: Any) -> RepVGG:
+    """The tiny RepVGG with B0's deeper layout scaled down (blocks 2,3,4,1)."""
+    return RepVGG(**{**_TINY, "num_blocks": (2, 3, 4, 1), **kwargs})
+
+
+@register_model
+def qarepvgg_a0_tiny(**kwargs: Any) -> RepVGG:
+    """The tiny RepVGG with QARepVGG blocks."""
+    return RepVGG(**{**_TINY, "quant_friendly": True, **kwargs})

@@ -1,0 +1,166 @@
+"""The model-level walker: convert every re-parameterizable block of a model, and measure the error.
+
+Blocks convert themselves (``switch_to_deploy``, :mod:`backbones.reparam.block`); the walker finds
+them under any known convention and calls each once.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["REPARAM_METHODS", "reparameterize_model", "convert_children", "find_reparam_method",
+           "max_relative_error", "model_relative_error"]
+
+# Method names of the known conversion conventions, in the order a walker tries them:
+# this project and MMPretrain (switch_to_deploy), timm/MobileOne (reparameterize),
+# RepMLPNet v2 (local_inject), RepLKNet (merge_kernel).
+REPARAM_METHODS = ("switch_to_deploy", "reparameterize", "local_inject", "merge_kernel")
+
+
+# --------------------------------------------------------------------------- model level
+def find_reparam_method(module: nn.Module) -> Optional[Callable[[], Any]]:
+    """The conversion method a module offers under any known convention, or None."""
+    for name in REPARAM_METHODS:
+        method = getattr(module, name, None)
+        if callable(method):
+            return method
+    return None
+
+
+def _sync_bn_names(model: nn.Module) -> list[str]:
+    return [name or "<root>" for name, m in model.named_modules() if isinstance(m, nn.SyncBatchNorm)]
+
+
+def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Convert every re-parameterizable block of ``model`` to its deploy form.
+
+    Puts the model in eval mode (BN folding uses running statistics), walks top-down from the
+    root and calls each block's conversion once; children are visited after their parent
+    converted, so nested blocks are not missed. A block may also be converted by its parent
+    (this project's composite blocks, or a third-party root such as MMPretrain's RepMLPNet,
+    whose ``switch_to_deploy`` calls its blocks' ``local_inject``): while the walk runs, each
+    module's conversion methods run at most once, whoever calls them, because third-party ones
+    are often not idempotent. Deep-copies the model unless ``inplace``. Raises if the model
+    contains SyncBatchNorm, which must be reverted first (Lightning does so at the end of fit;
+    ``nn.SyncBatchNorm`` is not a ``BatchNorm2d``).
+    """
+    sync = _sync_bn_names(model)
+    if sync:
+        raise TypeError(
+            f"cannot re-parameterize a model that contains SyncBatchNorm ({', '.join(sync[:5])}"
+            f"{', ...' if len(sync) > 5 else ''}): revert it to BatchNorm first, e.g. with "
+            "lightning's layer_sync.revert(model) or convert a model built without sync_batchnorm"
+        )
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    with torch.no_grad(), _each_conversion_once(model):
+        _convert_tree(model)
+    return model
+
+
+class _RunOnce:
+    """One module's conversion state during a walk: its methods (all aliases) run once."""
+
+    def __init__(self) -> None:
+        self.running = self.done = False
+
+    def guard(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            if self.done:
+                return None
+            if self.running:  # an alias calling another (reparameterize -> switch_to_deploy)
+                return method(*args, **kwargs)
+            self.running = True
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.running, self.done = False, True
+
+        return guarded
+
+
+@contextlib.contextmanager
+def _each_conversion_once(model: nn.Module) -> Iterator[None]:
+    """Shadow every conversion method in ``model`` by a run-once guard (an instance attribute,
+    removed on exit, so nothing of it outlives the walk)."""
+    guarded: list[tuple[nn.Module, str]] = []
+    for module in model.modules():
+        names = [name for name in REPARAM_METHODS if callable(getattr(module, name, None))]
+        state = _RunOnce()
+        for name in names:
+            module.__dict__[name] = state.guard(getattr(module, name))
+            guarded.append((module, name))
+    try:
+        yield
+    finally:
+        for module, name in guarded:
+            module.__dict__.pop(name, None)
+
+
+def _convert_tree(module: nn.Module) -> None:
+    method = find_reparam_method(module)
+    if method is not None:
+        method()
+    convert_children(module)
+
+
+def convert_children(module: nn.Module) -> None:
+    """Convert every re-parameterizable descendant of ``module`` (not ``module`` itself), top-down.
+
+    Used by composite blocks, whose own conversion is the conversion of what they contain.
+    The mode (train/eval) is left as it is.
+    """
+    for child in list(module.children()):
+        _convert_tree(child)
+
+
+def _flatten(output: Any) -> list[Tensor]:
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        return [t for key in sorted(output) for t in _flatten(output[key])]
+    if isinstance(output, Sequence) and not isinstance(output, str):
+        return [t for item in output for t in _flatten(item)]
+    raise TypeError(f"cannot compare model outputs of type {type(output).__name__}")
+
+
+def max_relative_error(reference: Any, other: Any) -> float:
+    """``max|reference - other| / max|reference|`` over tensors, or nested lists/dicts of them.
+
+    NaN when either side has a non-finite value, so ``error <= tolerance`` fails for broken outputs.
+    """
+    refs, others = _flatten(reference), _flatten(other)
+    if len(refs) != len(others):
+        raise ValueError(f"outputs differ in structure: {len(refs)} vs {len(others)} tensors")
+    worst = 0.0
+    for a, b in zip(refs, others):
+        if a.shape != b.shape:
+            raise ValueError(f"output shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+        a, b = a.detach().double(), b.detach().double()
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            return float("nan")
+        scale = a.abs().max().item()
+        diff = (a - b).abs().max().item()
+        worst = max(worst, diff / scale if scale > 0 else diff)
+    return worst
+
+
+def model_relative_error(reference: nn.Module, other: nn.Module, *inputs: Any) -> float:
+    """Run both models in eval mode on ``inputs`` and return :func:`max_relative_error`."""
+    modes = (reference.training, other.training)
+    reference.eval()
+    other.eval()
+    try:
+        with torch.no_grad():
+            return max_relative_error(reference(*inputs), other(*inputs))
+    finally:
+        reference.train(modes[0])
+        other.train(modes[1])

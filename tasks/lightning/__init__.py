@@ -1,0 +1,1 @@
+"""The command line and the Lightning adapters: TaskCLI, checkpoint I/O, the CSV logger, RNG state."""

@@ -1,0 +1,1 @@
+"""Task metrics: segmentation IoU (:mod:`.segmentation`), face verification (:mod:`.verification`)."""

@@ -2,8 +2,9 @@
 
     python -m backbones.convert --arch repmlp_res50_g8_224 train.ckpt deploy.safetensors
 
-Steps: read the checkpoint safely (``weights_only=True`` or safetensors), strip a DDP ``module.``
-prefix and a ``backbone.``/``model.`` prefix shared by every key (or keep only ``--prefix``),
+Steps: read the checkpoint safely with :func:`backbones.weights.read_weights` (any layout it
+knows: a task checkpoint's backbone, a backbone file, an official RepMLP v1 checkpoint), strip a
+``backbone.``/``model.`` prefix shared by every key (or keep only ``--prefix``),
 build the train-time model and load it strictly, convert it with
 :func:`backbones.reparameterize_model`, compare both models in eval mode on a random input of the
 model's ``img_size`` (batch 2, fixed seed), refuse to write if the relative error exceeds the
@@ -26,13 +27,13 @@ from .cli_common import CLI_ERRORS, parse_model_kwargs, report_cli_error
 from .complexity import count_params, input_channels
 from .models.registry import create, model_input_size
 from .reparam.walker import model_relative_error, reparameterize_model
+from .weights import read_weights
 from .weights.io import (
     TASK_PREFIXES,
     load_into,
     load_state_dict_file,
     save_checkpoint,
     select_prefix,
-    state_dict_mode,
     strip_prefix,
 )
 
@@ -81,7 +82,7 @@ def convert_checkpoint(
 
     Args:
         arch: registered model name.
-        src: train-time checkpoint (any form :func:`~backbones.weights.io.load_state_dict_file` reads).
+        src: train-time checkpoint (any layout :func:`backbones.weights.read_weights` reads).
         dst: output; ``*.safetensors`` or torch format otherwise, with arch/model_kwargs/deploy recorded.
         num_classes: classifier size; default: recorded, else the rows of ``fc.weight`` (or
             ``head.fc.weight``), else 0.
@@ -101,18 +102,21 @@ def convert_checkpoint(
     """
     say = log or (lambda line: None)
     src, dst = os.fspath(src), os.fspath(dst)
-    state_dict, meta = load_state_dict_file(src)
-    state_dict = strip_prefix(state_dict, ("module.",))
-    state_dict = select_prefix(state_dict, prefix) if prefix else strip_prefix(state_dict, auto=True)
-
-    if meta.get("deploy") is True or state_dict_mode(state_dict) == "deploy":
+    weights = read_weights(src)
+    if prefix:
+        state_dict = select_prefix(weights.state_dict, prefix)
+    elif weights.scope == "task":
+        state_dict = weights.backbone_state_dict()
+    else:
+        state_dict = strip_prefix(weights.state_dict, auto=True)
+    if weights.deploy:
         raise ValueError(
-            f"{src} is already in deploy form (no BatchNorm keys"
-            f"{', recorded deploy=true' if meta.get('deploy') is True else ''}); there is nothing to convert: "
+            f"{src} is already in deploy form ({weights.describe()}); there is nothing to convert: "
             f"load it with backbones.create({arch!r}, deploy=True)"
         )
+    meta = {"arch": weights.arch, "model_kwargs": weights.kwargs}
     kwargs = _model_kwargs(state_dict, meta, arch, num_classes, model_kwargs)
-    recorded_arch = meta.get("arch") if isinstance(meta.get("arch"), str) else None
+    recorded_arch = weights.arch
     model = create(arch, **kwargs)
     try:
         load_into(model, state_dict, src, arch, checkpoint_arch=recorded_arch)

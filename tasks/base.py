@@ -7,9 +7,11 @@
 - the optimizer (SGD or AdamW, optionally without weight decay on BN and bias parameters) and a
   per-step schedule: linear warm-up, then cosine decay to ``min_lr``;
 - the deploy conversion used by :class:`callbacks.ReparamCallback` (:meth:`convert_to_deploy`),
-  the checkpoint markers that let ``test --ckpt_path deploy.ckpt`` rebuild the deploy structure
-  (:meth:`on_save_checkpoint` / :meth:`on_load_checkpoint`), with clear errors for a checkpoint of
-  another backbone or shape;
+  and the checkpoint markers (form, arch and arguments) that let ``test --ckpt_path deploy.ckpt``
+  rebuild the deploy structure (:meth:`on_save_checkpoint` / :meth:`on_load_checkpoint`);
+- the one way in for weights (:meth:`load_weights`, ``--model.weights PATH``): any file
+  :func:`backbones.weights.read_weights` reads, the structure matched to its form, with clear
+  errors for a file of another backbone, form or shape;
 - the global RNG states in every training checkpoint, restored on resume (:mod:`tasks.lightning.rng_state`);
 - ``results.json`` in the log folder after every test run (:meth:`on_test_end`).
 
@@ -30,8 +32,9 @@ from torch import Tensor, nn
 from backbones import create, reparameterize_model
 from backbones.complexity import count_macs, count_params
 from backbones.models.registry import model_input_size
+from backbones.weights import Weights, read_weights, weights_of_checkpoint
 from backbones.reparam.walker import max_relative_error
-from backbones.weights.io import check_fits, load_state_dict_file, state_dict_mode
+from backbones.weights.io import check_fits, listing
 from tasks.lightning.rng_state import rng_state, set_rng_state
 
 __all__ = ["ReparamTask", "RESULTS_FILE"]
@@ -62,6 +65,15 @@ class ReparamTask(pl.LightningModule):
         backbone: registered model name (``backbones.list_models()``).
         backbone_kwargs: constructor arguments for it (``groups``, ``img_size``, ...).
         deploy: build the deploy (converted) structure; normally set by loading a deploy checkpoint.
+        weights: a weight file to start from (fit) or to evaluate (validate, test, predict): a task
+            checkpoint, a backbone file (``deploy.safetensors``, ``backbones.convert`` output), an
+            official RepMLP v1 or an mmseg checkpoint (:func:`backbones.weights.read_weights`). It is
+            loaded when the trainer sets the task up; a ``--ckpt_path`` checkpoint is restored after
+            it and wins. A file of the backbone alone fine-tunes with freshly initialized heads.
+        weights_match: ``"all"``: every tensor the file holds must fit, and outside fit it must hold
+            everything the task evaluates with; ``"matching"``: load the tensors whose name and shape
+            fit (e.g. an ImageNet backbone into a segmentation backbone) and name the ones left
+            initialized.
         optimizer: ``"sgd"`` (momentum, optional Nesterov) or ``"adamw"``.
         lr: peak learning rate (after warm-up).
         momentum: SGD momentum, or AdamW's beta1.
@@ -87,6 +99,8 @@ class ReparamTask(pl.LightningModule):
         backbone: str,
         backbone_kwargs: Optional[dict[str, Any]] = None,
         deploy: bool = False,
+        weights: Optional[str] = None,
+        weights_match: Literal["all", "matching"] = "all",
         optimizer: Literal["sgd", "adamw"] = "sgd",
         lr: float = 0.1,
         momentum: float = 0.9,
@@ -104,6 +118,8 @@ class ReparamTask(pl.LightningModule):
         super().__init__()
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"model.optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+        if weights_match not in ("all", "matching"):
+            raise ValueError(f"model.weights_match must be 'all' or 'matching', got {weights_match!r}")
         if schedule not in ("cosine", "poly", "step"):
             raise ValueError(f"model.schedule must be 'cosine', 'poly' or 'step', got {schedule!r}")
         if any(not 0 < m < 1 for m in step_milestones) or list(step_milestones) != sorted(step_milestones):
@@ -115,6 +131,7 @@ class ReparamTask(pl.LightningModule):
         # Filled by convert_to_deploy (or read from a deploy checkpoint): params, error, tolerance.
         self.reparam_info: Optional[dict[str, Any]] = None
         self._resume_rng: Optional[dict[str, Any]] = None  # RNG states of a checkpoint being resumed
+        self._weights_loaded = False  # model.weights is loaded once, at the first setup
 
     # ------------------------------------------------------------------ backbone
     def backbone_args(self) -> dict[str, Any]:
@@ -129,10 +146,6 @@ class ReparamTask(pl.LightningModule):
         add heads). Called from ``__init__`` and when a checkpoint's mode differs from the task's."""
         self.backbone = self.build_backbone(deploy)
         self.deploy = deploy
-
-    def translate_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Hook: rename the keys of a foreign checkpoint (e.g. mmseg) to this task's layout."""
-        return state_dict
 
     def backbone_spec(self) -> dict[str, Any]:
         """The architecture and its arguments, enough to rebuild the backbone: ``create(name, **kwargs)``."""
@@ -180,14 +193,6 @@ class ReparamTask(pl.LightningModule):
         }
         return self.reparam_info
 
-    def load_weights(self, path: str) -> None:
-        """Load a checkpoint's weights (``weights_only=True``) into this task, with clear errors."""
-        state_dict, meta = load_state_dict_file(path)
-        state_dict = self.translate_state_dict(state_dict)
-        checkpoint = {"state_dict": state_dict, **meta}
-        self._align_with_checkpoint(checkpoint, path)
-        self.load_state_dict(state_dict, strict=True)
-
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["deploy"] = self.deploy
@@ -199,52 +204,107 @@ class ReparamTask(pl.LightningModule):
             # serves every rank on resume.
             checkpoint["rng"] = rng_state()
 
+    # ------------------------------------------------------------------ weights
+    def setup(self, stage: str) -> None:
+        if self.hparams.weights and not self._weights_loaded:
+            self.load_weights(self.hparams.weights)
+
+    def load_weights(self, source: str | Weights, match: Optional[Literal["all", "matching"]] = None) -> Weights:
+        """Load a weight file (any layout :func:`backbones.weights.read_weights` reads) into this task.
+
+        The structure first follows the file's form (a deploy file converts the task, outside fit),
+        then the tensors load as ``match`` (default ``model.weights_match``) says. A file of the
+        backbone alone loads into the backbone during fit (the heads keep their initialization,
+        named); outside fit it must be all the task needs. Returns what was loaded.
+        """
+        weights = source if isinstance(source, Weights) else read_weights(source)
+        match = match or self.hparams.weights_match
+        self.align_to(weights)
+        if match == "matching":
+            note = self._load_matching(weights)
+        elif weights.scope == "backbone" and self.trainer_stage() == "fit":
+            hints = self._kwargs_hints(weights)
+            check_fits(self.backbone, weights.backbone_state_dict(), weights.path, self.backbone_name,
+                       checkpoint_arch=weights.arch, hints=hints)
+            self.backbone.load_state_dict(weights.backbone_state_dict(), strict=True)
+            heads = self._heads_outside(weights)
+            note = f"the backbone; {', '.join(heads)} start(s) initialized" if heads else "the whole task"
+        else:
+            self.check_fits(weights)
+            self.load_state_dict(weights.task_state_dict(), strict=True)
+            note = "every tensor of the task"
+        self.reparam_info = weights.extra.get("reparam") if weights.deploy else None
+        self._weights_loaded = True
+        print(f"weights {weights.path}: {weights.describe()}: loaded {note}")
+        return weights
+
+    def _load_matching(self, weights: Weights) -> str:
+        own = self.state_dict()
+        state = weights.task_state_dict()
+        usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        if not usable:
+            raise ValueError(f"model.weights {weights.path}: no tensor of this {weights.describe()} fits the task "
+                             f"(backbone {self.backbone_name!r}); first keys of the file: {listing(sorted(state))}")
+        self.load_state_dict(usable, strict=False)
+        skipped = sorted(set(own) - set(usable))
+        return (f"{len(usable)} tensors whose name and shape match, {len(skipped)} left initialized"
+                + (f" (e.g. {', '.join(skipped[:3])})" if skipped else ""))
+
+    def _heads_outside(self, weights: Weights) -> list[str]:
+        """The task's top-level modules with tensors that ``weights`` does not hold."""
+        held = {k.split(".")[0] for k in weights.task_state_dict()}
+        return sorted({k.split(".")[0] for k in self.state_dict()} - held)
+
+    def _kwargs_hints(self, weights: Weights) -> list[str]:
+        if weights.kwargs is not None and weights.kwargs != _plain(self.backbone_args()):
+            return [f"the file's backbone arguments {weights.kwargs} differ from this run's {_plain(self.backbone_args())}"]
+        return []
+
     def mismatch_hints(self, state_dict: dict[str, Tensor]) -> list[str]:
         """Task-specific explanations of a checkpoint that does not fit (e.g. class count)."""
         return []
 
-    def _align_with_checkpoint(self, checkpoint: dict[str, Any], source: str) -> None:
-        """Match the module structure to the checkpoint's mode, or explain why it cannot load."""
-        state_dict = checkpoint["state_dict"]
-        spec = checkpoint.get("backbone") or {}
-        name = spec.get("name")
-        if name is not None and name != self.backbone_name:
+    def adapt_heads(self, weights: Weights) -> None:
+        """Hook: rebuild heads to the file's before loading (e.g. the face task's margin head outside fit)."""
+
+    def align_to(self, weights: Weights) -> None:
+        """Match the module structure to the file's form, or explain why the file cannot load."""
+        if weights.arch is not None and weights.arch != self.backbone_name:
             raise ValueError(
-                f"checkpoint {source} holds backbone {name!r}, but this run builds {self.backbone_name!r} "
-                f"(model.backbone); use the config the checkpoint was trained with"
+                f"{weights.path} holds backbone {weights.arch!r}, but this run builds {self.backbone_name!r} "
+                f"(model.backbone); use the config the weights were trained with"
             )
-        ckpt_deploy = checkpoint.get("deploy")
-        if not isinstance(ckpt_deploy, bool):
-            ckpt_deploy = state_dict_mode({k: v for k, v in state_dict.items() if k.startswith("backbone.")}) == "deploy"
-        if ckpt_deploy and not self.deploy:
+        if weights.deploy and not self.deploy:
             if self.trainer_stage() == "fit":
                 raise ValueError(
-                    f"checkpoint {source} holds deploy (converted) weights, which cannot be trained or resumed; "
+                    f"{weights.path} holds deploy (converted) weights, which cannot be trained or resumed; "
                     "fit from the train-time checkpoint (checkpoints/last.ckpt) instead"
                 )
             self._convert_structure()
-        elif not ckpt_deploy and self.deploy:
+        elif not weights.deploy and self.deploy:
             self.build_model(deploy=False)
-        hints = self.mismatch_hints(state_dict)
-        if checkpoint.get("backbone_only"):
-            heads = sorted({k.split(".")[0] for k in self.state_dict() if not k.startswith("backbone.")} -
-                           {k.split(".")[0] for k in state_dict})
-            if heads:
-                hints.insert(0, f"a backbone file holds the backbone alone, and this task also needs its "
-                                f"{', '.join(heads)}: test the run's deploy.ckpt (the whole task) instead")
-        if spec.get("kwargs") is not None and spec["kwargs"] != _plain(self.backbone_args()):
-            hints.append(f"checkpoint backbone arguments {spec['kwargs']} differ from this run's {_plain(self.backbone_args())}")
-        check_fits(self, state_dict, source, self.backbone_name, checkpoint_arch=name, hints=hints)
-        self.reparam_info = checkpoint.get("reparam") if ckpt_deploy else None
+        self.adapt_heads(weights)
+
+    def check_fits(self, weights: Weights) -> None:
+        """Raise one error that says why ``weights`` do not load strictly into the whole task."""
+        state = weights.task_state_dict()
+        hints = self.mismatch_hints(state)
+        heads = self._heads_outside(weights) if weights.scope == "backbone" else []
+        if heads:
+            hints.insert(0, f"a backbone file holds the backbone alone, and this task also needs its "
+                            f"{', '.join(heads)}: test the run's deploy.ckpt (the whole task) instead")
+        hints += self._kwargs_hints(weights)
+        check_fits(self, state, weights.path, self.backbone_name, checkpoint_arch=weights.arch, hints=hints)
 
     def trainer_stage(self) -> Optional[str]:
         trainer = self._trainer
         return trainer.state.fn.value if trainer is not None and trainer.state.fn is not None else None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # a checkpoint the CLI rewrote (mmseg, backbone file) names its original file
-        source = checkpoint.get("source") or (self._trainer.ckpt_path if self._trainer is not None else None)
-        self._align_with_checkpoint(checkpoint, str(source or "(checkpoint)"))
+        weights = weights_of_checkpoint(checkpoint, str(self._trainer.ckpt_path if self._trainer is not None else "(checkpoint)"))
+        self.align_to(weights)
+        self.check_fits(weights)
+        self.reparam_info = weights.extra.get("reparam") if weights.deploy else None
         if self.trainer_stage() == "fit":
             self._resume_rng = checkpoint.get("rng")
 

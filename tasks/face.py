@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from callbacks.embedding_npy import EmbeddingWriter
 from datamodules.faces import FaceDataModule
+from backbones.weights import Weights
 from tasks.base import ReparamTask
 from tasks.heads.margin import MarginHead, MarginLoss
 from tasks.lightning.cli import CONFIG_DIR, TaskCLI
@@ -119,15 +120,14 @@ class FaceTask(ReparamTask):
                     f"run has {self.num_classes} (data.num_classes, from the training set)"]
         return []
 
-    def _align_with_checkpoint(self, checkpoint: dict[str, Any], source: str) -> None:
-        # Outside fit the head is unused: take the checkpoint's, whatever this run's data holds.
-        theirs = checkpoint["state_dict"].get("head.weight")
+    def adapt_heads(self, weights: Weights) -> None:
+        # Outside fit the head is unused: take the file's, whatever this run's data holds.
+        theirs = weights.task_state_dict().get("head.weight")
         if self.trainer_stage() != "fit":
             if theirs is None:
                 self.head = None
             elif self.head is None or self.head.weight.shape != theirs.shape:
                 self.head = self._build_head(int(theirs.shape[0]))
-        super()._align_with_checkpoint(checkpoint, source)
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:

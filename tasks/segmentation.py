@@ -3,7 +3,7 @@
     python -m tasks.segmentation fit                        # demo city, configs/segmentation/demo.yaml
     python -m tasks.segmentation fit -c configs/segmentation/pspnet_repmlp_res50_713.yaml --data.root /data/cityscapes
     python -m tasks.segmentation test -c CONFIG --ckpt_path runs/.../deploy.ckpt
-    python -m tasks.segmentation test -c configs/segmentation/pspnet_r50_d8_512x1024.yaml --ckpt_path mmseg.pth
+    python -m tasks.segmentation test -c configs/segmentation/pspnet_r50_d8_512x1024.yaml --model.weights mmseg.pth
 
 Module names follow mmseg's ``EncoderDecoder`` (``backbone``, ``decode_head``, ``auxiliary_head``),
 so an mmseg PSPNet checkpoint loads after renaming only the backbone's keys
@@ -16,15 +16,13 @@ are padded and the padding is cut from the logits, which are averaged where wind
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from backbones.weights.io import load_state_dict_file, select_prefix, strip_prefix
-from backbones.weights.mmseg import convert_mmseg_state_dict, is_mmseg_checkpoint
 from callbacks.segmentation_png import SegmentationPNGWriter
 from datamodules.cityscapes import CityscapesDataModule
 from tasks.base import ReparamTask
@@ -52,13 +50,13 @@ class SegmentationTask(ReparamTask):
         slide_stride: window stride ``(h, w)``; default two thirds of the window.
         flip: also predict the mirrored image and average the probabilities.
         scales: image scales for multi-scale inference (probabilities averaged).
-        pretrained: backbone weights to start from (e.g. an ImageNet run's checkpoint); tensors
-            whose name and shape match are loaded, the others (the classifier, size-dependent
-            RepMLP layers) are reported and left initialized.
         mmseg_heads: build PSPHead and FCNHead from mmsegmentation itself (``pip install -e .[mmseg]``)
             instead of the project's heads; same state-dict keys, same outputs (tested). Their BNs
             are not folded at deploy (mmcv's ConvModule has no deploy form).
-        **kwargs: optimizer and schedule (see :class:`tasks.base.ReparamTask`).
+        **kwargs: weights, optimizer and schedule (see :class:`tasks.base.ReparamTask`); an ImageNet
+            backbone starts a fit with ``--model.weights FILE --model.weights_match matching`` (the
+            classifier and size-dependent RepMLP layers are named and left initialized), an mmseg
+            PSPNet checkpoint is tested with ``--model.weights mmseg.pth``.
     """
 
     task_name = "segmentation"
@@ -82,7 +80,6 @@ class SegmentationTask(ReparamTask):
         slide_stride: Optional[tuple[int, int]] = None,
         flip: bool = False,
         scales: tuple[float, ...] = (1.0,),
-        pretrained: Optional[str] = None,
         mmseg_heads: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -104,8 +101,6 @@ class SegmentationTask(ReparamTask):
         for stage in ("val", "test"):
             setattr(self, f"{stage}_iou", SegmentationIoU(num_classes, ignore_index))
         self.test_summary: Optional[dict[str, Any]] = None
-        if pretrained:
-            self.load_backbone_weights(pretrained)
 
     # ------------------------------------------------------------------ model
     def backbone_args(self) -> dict[str, Any]:
@@ -144,25 +139,6 @@ class SegmentationTask(ReparamTask):
             in_channels=widths[2], in_index=2, channels=hp.aux_channels, num_convs=1, concat_input=False,
             dropout_ratio=hp.dropout, num_classes=self.num_classes, norm_cfg=norm,
             align_corners=hp.align_corners) if hp.aux_weight > 0 else None
-
-    def translate_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-        if is_mmseg_checkpoint({"state_dict": state_dict}):
-            return convert_mmseg_state_dict(state_dict)
-        return state_dict
-
-    def load_backbone_weights(self, path: str) -> None:
-        state_dict, _ = load_state_dict_file(path)
-        state_dict = strip_prefix(state_dict)  # DDP's module.
-        if any(k.startswith("backbone.") for k in state_dict):  # a task checkpoint: keep its backbone
-            state_dict = select_prefix(state_dict, "backbone.")
-        own = self.backbone.state_dict()
-        usable = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
-        if not usable:
-            raise ValueError(f"model.pretrained: no tensor of {path} fits backbone {self.backbone_name!r}")
-        self.backbone.load_state_dict(usable, strict=False)
-        skipped = sorted(set(own) - set(usable))
-        print(f"pretrained backbone {path}: {len(usable)} tensors loaded, {len(skipped)} left initialized"
-              + (f" (e.g. {', '.join(skipped[:3])})" if skipped else ""))
 
     def _heads(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         stages = self.backbone.forward_stages(x)
@@ -299,18 +275,6 @@ class SegmentationCLI(TaskCLI):
         parser.add_lightning_class_args(SegmentationPNGWriter, "predictions")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.classes", "model.class_names", apply_on="instantiate")
-
-    def foreign_checkpoint(self, path: str, raw: Optional[Mapping[str, Any]]) -> dict[str, Any]:
-        """An mmseg checkpoint, its backbone keys renamed; anything else as :class:`TaskCLI` reads it."""
-        if raw is None or not is_mmseg_checkpoint(raw):
-            return super().foreign_checkpoint(path, raw)
-        print(f"mmseg checkpoint {path}: backbone keys renamed to this project's layout")
-        return {
-            "state_dict": convert_mmseg_state_dict(raw["state_dict"]),
-            "deploy": False,
-            "source": f"mmseg checkpoint {path}",
-        }
-
 
 def main(args: Optional[list[str]] = None, run: bool = True) -> SegmentationCLI:
     return SegmentationCLI(

@@ -25,7 +25,9 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["is_mmseg_state_dict", "is_mmseg_checkpoint", "convert_mmseg_state_dict"]
+from .formats import WeightFormat, Weights
+
+__all__ = ["FORMAT", "is_mmseg_state_dict", "is_mmseg_checkpoint", "convert_mmseg_state_dict"]
 
 _STEM = {"0": ("0", "conv"), "1": ("0", "bn"), "3": ("1", "conv"), "4": ("1", "bn"), "6": ("2", "conv"), "7": ("2", "bn")}
 _LEAF = r"(weight|bias|running_mean|running_var|num_batches_tracked)"  # a tensor of a conv or BN itself
@@ -76,3 +78,16 @@ def convert_mmseg_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tens
         key = key[len("module."):] if key.startswith("module.") else key
         out[_rename(key)] = value
     return out
+
+
+def _is_mmseg(state_dict: Mapping[str, Tensor], meta: Mapping[str, Any]) -> bool:
+    return "pytorch-lightning_version" not in meta and is_mmseg_state_dict(state_dict)
+
+
+def _read_mmseg(state_dict: dict[str, Tensor], meta: dict[str, Any], path: str) -> Weights:
+    # mmseg's ResNet has BN everywhere and no deploy form
+    return Weights(path=path, format="mmseg checkpoint", state_dict=convert_mmseg_state_dict(state_dict),
+                   scope="task", deploy=False)
+
+
+FORMAT = WeightFormat("mmseg checkpoint", _is_mmseg, _read_mmseg)

@@ -36,9 +36,10 @@ from typing import Any, Optional
 from torch import Tensor, nn
 
 from ..models.registry import create
-from .io import listing, load_into, load_state_dict_file, state_dict_mode, strip_prefix
+from .formats import WeightFormat, Weights, inferred_deploy
+from .io import listing, load_into, load_state_dict_file, strip_prefix
 
-__all__ = ["OFFICIAL_ARCHS", "convert_official_state_dict", "load_official"]
+__all__ = ["OFFICIAL_ARCHS", "FORMAT", "convert_official_state_dict", "load_official"]
 
 # Official factory name → registered name here.
 OFFICIAL_ARCHS = {
@@ -98,7 +99,7 @@ def convert_official_state_dict(
         if all(_OURS_KEY.match(k) for k in state_dict):
             raise ValueError(
                 f"{what} is already in this project's layout (stem./layerN./fc.), not the official one; "
-                "load it with backbones.weights.io.load_state_dict_file instead"
+                "load it with backbones.weights.read_weights instead"
             )
         raise ValueError(
             f"{what} is not an official RepMLP-ResNet v1 checkpoint: {len(foreign)} key(s) outside "
@@ -137,8 +138,22 @@ def load_official(path: str | os.PathLike, arch: str, **model_kwargs: Any) -> nn
     raw, _meta = load_state_dict_file(source)
     state_dict = convert_official_state_dict(raw, arch, source)
     kwargs = dict(model_kwargs)
-    kwargs.setdefault("deploy", state_dict_mode(state_dict) == "deploy")
+    kwargs.setdefault("deploy", inferred_deploy(state_dict))
     kwargs.setdefault("num_classes", _num_classes(state_dict))
     model = create(arch, **kwargs)
     load_into(model, state_dict, source, arch)
     return model
+
+
+def _is_official(state_dict: Mapping[str, Tensor], meta: Mapping[str, Any]) -> bool:
+    keys = strip_prefix(state_dict, ("module.",))
+    return bool(keys) and all(_OFFICIAL_KEY.match(k) for k in keys)
+
+
+def _read_official(state_dict: dict[str, Tensor], meta: dict[str, Any], path: str) -> Weights:
+    converted = convert_official_state_dict(state_dict, source=path)
+    return Weights(path=path, format="official RepMLP v1 checkpoint", state_dict=converted, scope="backbone",
+                   deploy=inferred_deploy(converted))
+
+
+FORMAT = WeightFormat("official RepMLP v1 checkpoint", _is_official, _read_official)

@@ -5,7 +5,8 @@
   ``last.ckpt`` intact rather than a truncated one.
 - Loading (``--ckpt_path``, including ``last`` and ``best``) goes through
   :func:`backbones.weights.io.read_torch_file`: a truncated or corrupt file, or one that
-  ``weights_only=True`` refuses, is an error naming the file and the reason.
+  ``weights_only=True`` refuses, is an error naming the file and the reason; a weight file that is
+  not a Lightning checkpoint is an error that points at ``--model.weights``.
 
 Remote paths (``s3://`` and other fsspec URLs) keep Lightning's own behaviour.
 """
@@ -18,7 +19,7 @@ import torch
 from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from backbones.weights.io import atomic_write, read_torch_file
+from backbones.weights.io import atomic_write, is_safetensors_file, read_torch_file
 
 __all__ = ["CheckedCheckpointIO"]
 
@@ -40,4 +41,10 @@ class CheckedCheckpointIO(TorchCheckpointIO):
             return super().load_checkpoint(path, map_location, weights_only)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint file not found: {path}")
-        return read_torch_file(str(path), map_location=map_location, weights_only=weights_only is not False)
+        checkpoint = None if is_safetensors_file(str(path)) else read_torch_file(
+            str(path), map_location=map_location, weights_only=weights_only is not False)
+        if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
+            # a backbone file, an official or mmseg checkpoint: weights, not a training state
+            raise ValueError(f"--ckpt_path {path} is not a Lightning checkpoint of a task (it has no training state); "
+                             f"load weights with --model.weights {path}")
+        return checkpoint

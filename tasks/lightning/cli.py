@@ -11,25 +11,21 @@
   every run (overwriting the copy of an earlier run in the same folder);
 - checkpoints are written atomically and an unreadable one is named (:mod:`tasks.lightning.checkpoint_io`);
 - ``fit`` is followed by ``test`` of the converted model (``--test_after_fit false`` to skip);
-- ``--ckpt_path`` loads weights into the model the config describes (use the run's saved
-  ``config.yaml``); a checkpoint of another backbone, class count or mode is explained, and a
-  deploy checkpoint turns the model into its deploy structure before loading; checkpoints are
-  read with ``weights_only=True`` unless ``--weights_only false`` is given; a backbone file
-  (``deploy.safetensors``, the output of ``backbones.convert`` or ``backbones.official``) is taken
-  as the task's backbone weights for ``validate``, ``test`` and ``predict``.
+- ``--ckpt_path`` is Lightning's: a task checkpoint of this project, to resume or to evaluate,
+  loaded into the model the config describes (use the run's saved ``config.yaml``); a checkpoint
+  of another backbone, class count or mode is explained, and a deploy checkpoint turns the model
+  into its deploy structure before loading; checkpoints are read with ``weights_only=True``
+  unless ``--weights_only false`` is given. Every other weight file (a backbone file such as
+  ``deploy.safetensors``, an official or mmseg checkpoint) goes through ``--model.weights``
+  (:meth:`tasks.base.ReparamTask.load_weights`).
 """
 from __future__ import annotations
 
-import atexit
-import os
-import shutil
 import sys
-import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-import pytorch_lightning as pl
 import torch
 import yaml
 from pytorch_lightning import Trainer
@@ -37,7 +33,6 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from backbones import input_size
-from backbones.weights.io import is_safetensors_file, load_state_dict_file, state_dict_mode, strip_prefix
 from callbacks.reparam import ReparamCallback
 
 from .checkpoint_io import CheckedCheckpointIO
@@ -74,15 +69,6 @@ def _explicit_seed(seed: Any) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed_everything must be an explicit integer for reproducible runs, got {seed!r}")
     return seed
-
-
-def _load_for_inspection(path: str, weights_only: bool) -> Any:
-    """``torch.load`` of ``path``, memory-mapped where the format allows (a Lightning checkpoint is
-    only looked at here; Lightning reads it for real)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
-    except RuntimeError:  # the legacy (non-zip) format cannot be mapped
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
 
 
 class TaskCLI(LightningCLI):
@@ -153,6 +139,12 @@ class TaskCLI(LightningCLI):
         self._refuse_linked_values(self.config[self.subcommand] if self.subcommand else self.config)
         if self.subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":
             self._resolve_last_checkpoint(self.config.fit)
+        config = self.config[self.subcommand] if self.subcommand else None
+        if config is not None and config.get("ckpt_path") and config.model.get("weights"):
+            # the checkpoint's tensors replace the weights file's: skip reading it (a run's saved
+            # config.yaml names the file its fit started from, which may be gone by now)
+            print(f"--ckpt_path {config.ckpt_path} is restored; model.weights {config.model.weights} is not read")
+            config.model.weights = None
 
     def _refuse_linked_values(self, config: Any) -> None:
         """A config file that sets a ``data`` value the CLI computes is an error naming the file:
@@ -226,64 +218,6 @@ class TaskCLI(LightningCLI):
         # Checked before Lightning turns ``true`` into a seed taken from the environment (or 0).
         _explicit_seed(self._get(self.config, "seed_everything"))
         super()._set_seed()
-
-    def _rewrite_foreign_checkpoint(self, subcommand: str) -> None:
-        """Let ``--ckpt_path`` name a file that is not a Lightning checkpoint: read it once, and
-        load the Lightning checkpoint :meth:`foreign_checkpoint` makes of it instead."""
-        config = self.config_init[subcommand]
-        path = config.get("ckpt_path")
-        if not path or not os.path.isfile(path):
-            return
-        raw = None
-        if not is_safetensors_file(path):
-            try:
-                raw = _load_for_inspection(path, weights_only=config.get("weights_only") is not False)
-            except Exception:  # noqa: BLE001 - not ours to judge: Lightning loads it and CheckedCheckpointIO reports
-                return
-            if not isinstance(raw, Mapping) or "pytorch-lightning_version" in raw:
-                return
-        self.substitute_checkpoint(config, self.foreign_checkpoint(path, raw))
-
-    def foreign_checkpoint(self, path: str, raw: Optional[Mapping[str, Any]]) -> dict[str, Any]:
-        """The Lightning checkpoint content (``state_dict``, ``deploy``, ``backbone``, ``source``,
-        optionally ``backbone_only``) of a non-Lightning file, ``raw`` its ``torch.load`` (None for
-        safetensors). Here: a backbone file, its tensors under ``backbone.``, with its arch and mode
-        for the checks on loading; task CLIs that know other formats override this."""
-        state_dict, meta = load_state_dict_file(path)
-        state_dict = strip_prefix(state_dict)  # DDP's module.
-        if not any(k.startswith("backbone.") for k in state_dict):
-            state_dict = {f"backbone.{k}": v for k, v in state_dict.items()}
-        deploy = meta.get("deploy")
-        if not isinstance(deploy, bool):
-            deploy = state_dict_mode(state_dict) == "deploy"
-        print(f"backbone file {path}: loaded as the task's backbone ({'deploy' if deploy else 'train-time'} weights)")
-        return {
-            "state_dict": state_dict,
-            "deploy": deploy,
-            "backbone": {"name": meta["arch"]} if isinstance(meta.get("arch"), str) else {},
-            "backbone_only": True,  # the task's heads are not in it (named if the load fails)
-            "source": f"backbone file {path}",
-        }
-
-    @staticmethod
-    def substitute_checkpoint(config: Any, checkpoint: dict[str, Any]) -> None:
-        """Point ``config.ckpt_path`` at a Lightning checkpoint of ``checkpoint`` (``state_dict`` and
-        the keys the task checks on loading; ``source`` names the original in errors), written to a
-        temporary file that is removed at exit."""
-        folder = tempfile.mkdtemp(prefix="ckpt-")
-        atexit.register(shutil.rmtree, folder, True)
-        converted = os.path.join(folder, os.path.basename(config["ckpt_path"]) + ".ckpt")
-        torch.save({**checkpoint, "pytorch-lightning_version": pl.__version__}, converted)
-        config["ckpt_path"] = converted
-
-    def before_validate(self) -> None:
-        self._rewrite_foreign_checkpoint("validate")
-
-    def before_test(self) -> None:
-        self._rewrite_foreign_checkpoint("test")
-
-    def before_predict(self) -> None:
-        self._rewrite_foreign_checkpoint("predict")
 
     def after_fit(self) -> None:
         if self._get(self.config, "test_after_fit") and not self.trainer.interrupted:

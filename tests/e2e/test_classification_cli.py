@@ -55,7 +55,8 @@ def test_deploy_and_train_checkpoints_give_the_same_accuracy(demo_run):
 
 def test_backbone_files_test_as_the_run_did(demo_run, tmp_path):
     """The run's deploy.safetensors, and backbones.convert's output of its best checkpoint, given
-    to --ckpt_path: each is loaded as the backbone it holds and scores what the run scored."""
+    to --model.weights: each is loaded as the backbone it holds and scores what the run scored;
+    --ckpt_path (Lightning's, for task checkpoints) refuses them with the way out."""
     cwd, demo_root, run, _ = demo_run
     (best,) = (run / "checkpoints").glob("best-*.ckpt")
     converted = tmp_path / "converted.pth"
@@ -63,12 +64,16 @@ def test_backbone_files_test_as_the_run_did(demo_run, tmp_path):
                    cwd=REPO, check=True, capture_output=True)
     name = ["--trainer.logger.init_args.name", "from-backbone-files"]
     for i, path in enumerate((run / "deploy.safetensors", converted)):
-        proc = _ok(_cli("test", "--ckpt_path", str(path), *name, cwd=cwd, demo_root=demo_root))
-        assert f"backbone file {path}: loaded as the task's backbone (deploy weights)" in proc.stdout
+        proc = _ok(_cli("test", "--model.weights", str(path), *name, cwd=cwd, demo_root=demo_root))
+        assert (f"weights {path}: deploy backbone weights of 'repmlp_res_tiny' (this project's backbone file): "
+                "loaded every tensor of the task") in proc.stdout
         results = _results(cwd / "runs" / "from-backbone-files" / f"version_{i}")
         assert results["deploy"] is True
         for key in ("test/top1", "test/top5"):
             assert results["metrics"][key] == _results(run)["metrics"][key]
+    proc = _cli("test", "--ckpt_path", str(converted), *name, cwd=cwd, demo_root=demo_root)
+    _failed(proc, f"--ckpt_path {converted} is not a Lightning checkpoint of a task",
+            f"load weights with --model.weights {converted}")
 
 
 def test_repvgg_tiny_fit_converts_to_a_plain_vgg_and_tests_it(demo_run, tmp_path):

@@ -142,7 +142,8 @@ def test_already_deploy_by_metadata_and_other_errors(tmp_path):
     deploy = reparameterize_model(_train_model())
     src = tmp_path / "deploy.safetensors"
     save_deploy_checkpoint(deploy, src, ARCH, {"num_classes": 10})
-    with pytest.raises(ValueError, match="already in deploy form.*recorded deploy=true"):
+    with pytest.raises(ValueError, match=r"already in deploy form \(deploy backbone weights of 'repmlp_res_tiny' "
+                                         r"\(this project's backbone file\)\)"):
         convert_checkpoint(ARCH, src, tmp_path / "out.pt")
     with pytest.raises(ValueError, match="train-time form.*reparameterize_model"):
         save_deploy_checkpoint(_train_model(), tmp_path / "x.pt", ARCH)

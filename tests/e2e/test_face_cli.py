@@ -62,13 +62,13 @@ def test_deploy_and_train_checkpoints_verify_the_same(demo_run):
 
 
 def test_deploy_backbone_file_verifies_as_the_run_did(demo_run):
-    """deploy.safetensors (the embedding network alone) given to --ckpt_path: no margin head is
+    """deploy.safetensors (the embedding network alone) given to --model.weights: no margin head is
     needed outside fit, and every verification set scores what the run scored."""
     cwd, demo_root, run, _ = demo_run
     path = run / "deploy.safetensors"
-    proc = _ok(_cli("test", "--ckpt_path", str(path), "--trainer.logger.init_args.name", "from-backbone-file",
+    proc = _ok(_cli("test", "--model.weights", str(path), "--trainer.logger.init_args.name", "from-backbone-file",
                     cwd=cwd, demo_root=demo_root))
-    assert f"backbone file {path}: loaded as the task's backbone (deploy weights)" in proc.stdout
+    assert f"weights {path}: deploy backbone weights" in proc.stdout and "loaded every tensor of the task" in proc.stdout
     results = _results(cwd / "runs" / "from-backbone-file" / "version_0")
     assert results["deploy"] is True
     for name in SETS:

@@ -103,8 +103,8 @@ def test_predict_keeps_subfolders_and_refuses_two_inputs_of_one_name(demo_run, t
 def test_backbone_file_alone_is_refused_with_the_way_out(demo_run):
     cwd, demo_root, run, _ = demo_run
     path = run / "deploy.safetensors"
-    proc = _cli("test", "--ckpt_path", str(path), cwd=cwd, demo_root=demo_root)
-    assert_failed(proc, f"checkpoint backbone file {path} does not fit", "holds the backbone alone",
+    proc = _cli("test", "--model.weights", str(path), cwd=cwd, demo_root=demo_root)
+    assert_failed(proc, f"checkpoint {path} does not fit", "holds the backbone alone",
                   "auxiliary_head, decode_head: test the run's deploy.ckpt")
 
 
@@ -129,7 +129,8 @@ def small_root(tmp_path_factory) -> Path:
 
 
 def test_mmseg_checkpoint_tests_as_the_baseline(small_root, tmp_path):
-    """A checkpoint in mmseg's layout (meta + state_dict, no Lightning keys) is tested as it is."""
+    """A checkpoint in mmseg's layout (meta + state_dict, no Lightning keys), given to --model.weights,
+    is tested as it is."""
     args = ["--data.root", str(small_root), "--model.backbone", "resnet_tiny_d8", "--model.head_channels", "16",
             "--model.aux_channels", "8", "--model.inference", "whole", *QUICK]
     assert_ok(_cli("fit", *args, "--trainer.max_epochs", "1", cwd=tmp_path, demo_root=tmp_path))
@@ -139,13 +140,13 @@ def test_mmseg_checkpoint_tests_as_the_baseline(small_root, tmp_path):
     mmseg = tmp_path / "pspnet_mmseg.pth"
     torch.save({"meta": {"mmseg_version": "1.2.2", "CLASSES": ["road"] * 19}, "state_dict": _mmseg_names(state),
                 "optimizer": {}}, mmseg)
-    proc = assert_ok(_cli("test", "--ckpt_path", str(mmseg), *args, cwd=tmp_path, demo_root=tmp_path))
-    assert "mmseg checkpoint" in proc.stdout
+    proc = assert_ok(_cli("test", "--model.weights", str(mmseg), *args, cwd=tmp_path, demo_root=tmp_path))
+    assert f"weights {mmseg}: train-time task checkpoint (mmseg checkpoint): loaded every tensor" in proc.stdout
     assert_ok(_cli("test", "--ckpt_path", str(ours), *args, cwd=tmp_path, demo_root=tmp_path))
     via_mmseg, direct = read_results(run / "version_1"), read_results(run / "version_2")
     assert via_mmseg["metrics"] == direct["metrics"] and via_mmseg["deploy"] is False
     out = tmp_path / "pred"
-    assert_ok(_cli("predict", "--ckpt_path", str(mmseg), "--predictions.dirpath", str(out), *args,
+    assert_ok(_cli("predict", "--model.weights", str(mmseg), "--predictions.dirpath", str(out), *args,
                    cwd=tmp_path, demo_root=tmp_path))
     assert len(list(out.rglob("*_pred_labelTrainIds.png"))) == 2  # the two val images
 

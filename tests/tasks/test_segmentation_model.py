@@ -12,6 +12,7 @@ from conftest import perturb_params, randomize_bn
 
 from backbones import create, reparameterize_model
 from backbones.reparam.walker import max_relative_error
+from backbones.weights import read_weights
 from backbones.weights.mmseg import convert_mmseg_state_dict, is_mmseg_checkpoint, is_mmseg_state_dict
 from tasks.heads.decode import FCNHead, PSPHead
 from tasks.metrics.segmentation import SegmentationIoU, iou_from_confusion
@@ -81,7 +82,7 @@ def _to_mmseg_names(state_dict):
     return out
 
 
-def test_mmseg_pspnet_checkpoint_loads_into_the_baseline():
+def test_mmseg_pspnet_checkpoint_loads_into_the_baseline(tmp_path):
     task = perturb_params(randomize_bn(_task(backbone="resnet_tiny_d8")), seed=1)  # unlike a fresh task's
     ours = task.state_dict()
     mmseg = _to_mmseg_names(ours)
@@ -95,7 +96,10 @@ def test_mmseg_pspnet_checkpoint_loads_into_the_baseline():
     fresh = _task(backbone="resnet_tiny_d8")
     assert not torch.equal(fresh.state_dict()["backbone.layer1.0.conv1.bn.running_var"],
                            ours["backbone.layer1.0.conv1.bn.running_var"])
-    fresh.load_state_dict(fresh.translate_state_dict(mmseg))
+    path = tmp_path / "pspnet_mmseg.pth"
+    torch.save({"meta": {"mmseg_version": "1.2.2"}, "state_dict": mmseg}, path)
+    assert read_weights(path).format == "mmseg checkpoint"
+    fresh.load_weights(str(path))
     assert fresh.state_dict().keys() == ours.keys()
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, ours[k]), k
@@ -196,19 +200,29 @@ def test_task_converts_backbone_and_heads():
     assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in task.state_dict().items()}
 
 
-def test_pretrained_backbone_loads_matching_tensors(tmp_path):
-    source = create("resnet_tiny_d8", img_size=64, num_classes=10)
+def test_weights_match_loads_the_matching_tensors(tmp_path):
+    """--model.weights_match matching: an ImageNet backbone (another class count) starts a
+    segmentation task; the tensors whose name and shape fit are loaded, the rest named."""
+    source = perturb_params(create("resnet_tiny_d8", img_size=64, num_classes=10), seed=2)
     path = tmp_path / "imagenet.pt"
     torch.save({"state_dict": {f"backbone.{k}": v for k, v in source.state_dict().items()}}, path)
-    task = _task(backbone="resnet_tiny_d8", pretrained=str(path))
+    task = _task(backbone="resnet_tiny_d8", weights=str(path), weights_match="matching")
+    assert not torch.equal(task.backbone.layer2[0].conv2.conv.weight, source.layer2[0].conv2.conv.weight)
+    task.setup("fit")  # the trainer's setup loads model.weights, once
     assert torch.equal(task.backbone.layer2[0].conv2.conv.weight, source.layer2[0].conv2.conv.weight)
-    # a whole segmentation checkpoint (backbone + heads, DDP-prefixed): its backbone is used
+    task.backbone.layer2[0].conv2.conv.weight.data.zero_()
+    task.setup("test")
+    assert not task.backbone.layer2[0].conv2.conv.weight.any()  # not loaded again over what was trained
+    # a whole segmentation checkpoint (backbone + heads, DDP-prefixed): all of it fits
     seg = perturb_params(_task(backbone="resnet_tiny_d8"), seed=1)  # weights a fresh task does not have
     torch.save({f"module.{k}": v for k, v in seg.state_dict().items()}, path)
     assert not torch.equal(_task(backbone="resnet_tiny_d8").backbone.layer3[1].conv1.conv.weight,
                            seg.backbone.layer3[1].conv1.conv.weight)
-    task = _task(backbone="resnet_tiny_d8", pretrained=str(path))
+    task = _task(backbone="resnet_tiny_d8")
+    task.load_weights(str(path), match="matching")
     assert torch.equal(task.backbone.layer3[1].conv1.conv.weight, seg.backbone.layer3[1].conv1.conv.weight)
-    with pytest.raises(ValueError, match="no tensor of"):
-        torch.save({"state_dict": {"x": torch.zeros(1)}}, path)
-        _task(backbone="resnet_tiny_d8", pretrained=str(path))
+    assert torch.equal(task.decode_head.conv_seg.weight, seg.decode_head.conv_seg.weight)
+    torch.save({"state_dict": {"x": torch.zeros(1)}}, path)
+    with pytest.raises(ValueError, match=f"model.weights {path}: no tensor of this train-time backbone weights "
+                                         r"\(state dict\) fits the task"):
+        _task(backbone="resnet_tiny_d8").load_weights(str(path), match="matching")

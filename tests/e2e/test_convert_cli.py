@@ -155,15 +155,19 @@ def test_already_deploy_by_metadata_and_other_errors(tmp_path):
         convert_checkpoint(ARCH, train, tmp_path / "out.pt", num_classes=5)
 
 
-def test_task_checkpoint_with_a_head_needs_prefix(tmp_path):
+def test_task_checkpoint_with_a_head_converts_its_backbone(tmp_path):
+    """A task's checkpoint (backbone + a separate head) is read as a task: its backbone converts,
+    as with an explicit --prefix backbone."""
     model = _train_model(num_classes=0)  # headless backbone + a separate head in the task
     state = {f"backbone.{k}": v for k, v in model.state_dict().items()}
     src = tmp_path / "task.ckpt"
     torch.save({"state_dict": {**state, "head.weight": torch.randn(3, 256), "head.bias": torch.zeros(3)}}, src)
-    with pytest.raises(ValueError, match="(?s)unexpected key.*--prefix backbone."):
-        convert_checkpoint(ARCH, src, tmp_path / "out.pt")
-    convert_checkpoint(ARCH, src, tmp_path / "out.pt", prefix="backbone.")
+    convert_checkpoint(ARCH, src, tmp_path / "out.pt")
     _check_deploy_file(tmp_path / "out.pt", model, num_classes=0)
+    convert_checkpoint(ARCH, src, tmp_path / "prefixed.pt", prefix="backbone.")
+    _check_deploy_file(tmp_path / "prefixed.pt", model, num_classes=0)
+    with pytest.raises(ValueError, match="no key starts with 'decoder.'"):
+        convert_checkpoint(ARCH, src, tmp_path / "x.pt", prefix="decoder.")
 
 
 def test_tolerance_failure_writes_nothing(tmp_path):

@@ -8,12 +8,15 @@ from __future__ import annotations
 import math
 import re
 
+import albumentations as A
 import pytest
 import torch
 
 from backbones import create, input_size, list_models
 from backbones.models import registry
 from backbones.models.registry import model_cfg, model_input_size
+from datamodules.faces import face_transform
+from datamodules.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 ALL = list_models()
 
@@ -84,10 +87,14 @@ def test_fixed_size_is_declared_for_the_models_that_need_it(name):
         assert tuple(model(other).shape) == (2, cfg.num_features)
 
 
-def test_face_models_declare_the_face_normalization_and_the_others_imagenet():
+def test_declared_normalization_is_what_the_datamodules_apply():
+    """The datamodules normalize on their own (ImageNet and Cityscapes: ImageNet statistics; faces:
+    [-1, 1]); the declared mean/std must agree with them."""
+    face_norm = [t for t in face_transform((64, 64), flip=False) if isinstance(t, A.Normalize)]
+    assert len(face_norm) == 1
     for name in ALL:
         face = name.startswith(("faceres", "repmlp_faceres", "mobilefacenet"))
-        expected = ((0.5,) * 3, (0.5,) * 3) if face else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        expected = (tuple(face_norm[0].mean), tuple(face_norm[0].std)) if face else (IMAGENET_MEAN, IMAGENET_STD)
         assert (model_cfg(name).mean, model_cfg(name).std) == expected, name
 
 

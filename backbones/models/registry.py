@@ -1,7 +1,8 @@
 """A small model registry: factories registered by name with a default config, created with keyword arguments.
 
 Each factory is registered with a :class:`ModelCfg` (the pattern of timm's ``default_cfgs``): what
-the data and a task's heads need to know about the model without building it.
+the data and a task's heads need to know about the model without building it
+(``tests/backbones/test_registry.py`` checks each one against its built model).
 """
 from __future__ import annotations
 
@@ -100,10 +101,11 @@ def input_size(name: str, **kwargs: Any) -> tuple[int, int]:
     img_size = kwargs.get("img_size")
     if img_size is None:
         return default
-    pair = [img_size] * 2 if isinstance(img_size, int) else list(img_size) if isinstance(img_size, (list, tuple)) else []
-    if len(pair) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in pair):
+    pair = (img_size, img_size) if isinstance(img_size, int) else img_size
+    if not (isinstance(pair, (list, tuple)) and len(pair) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in pair)):
         raise ValueError(f"{name}: img_size must be a positive int or a pair [H, W] of them, got {img_size!r}")
-    return to_pair(pair)
+    return (pair[0], pair[1])
 
 
 def model_input_size(model: nn.Module, name: str = "the model", default: int | None = None) -> tuple[int, int]:

@@ -9,6 +9,7 @@ Perceptron. Faces are aligned, so the embedding head keeps positions: BN → dro
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from torch import Tensor, nn
@@ -16,8 +17,8 @@ from torch import Tensor, nn
 from ..layers.repmlp import Kernels
 from ..reparam.block import ReparamBlock, assign_parameter
 from ..reparam.math import fuse_bn, fuse_bn_before_linear
-from .helpers import check_embedding_only
-from .registry import register_model
+from .helpers import FACE_MEAN, FACE_STD, check_embedding_only
+from .registry import ModelCfg, register_model
 from .resnet import ResNet
 
 __all__ = ["FaceEmbeddingHead", "FaceResNet", "faceresnet", "repmlp_faceres", "faceresnet_tiny", "repmlp_faceres_tiny"]
@@ -117,16 +118,21 @@ class FaceResNet(ReparamBlock):
         return self.head(self.body.forward_features(x))
 
 
+# The embedding head is sized to the c5 map, so a FaceResNet works at its img_size only.
+_FACERES_CFG = ModelCfg(input_size=(96, 96), fixed_size=True, num_features=512,
+                        feature_channels=(128, 256, 512, 1024), feature_strides=(4, 8, 16, 32),
+                        mean=FACE_MEAN, std=FACE_STD)
+_FACERES_TINY_CFG = replace(_FACERES_CFG, input_size=(64, 64), num_features=128, feature_channels=(32, 64, 128, 256))
 _REPMLP = dict(repmlp_stages=(2, 3, 4))
 
 
-@register_model
+@register_model(cfg=_FACERES_CFG)
 def faceresnet(**kwargs: Any) -> FaceResNet:
     """FaceResNet (paper): blocks 3,2,2,2, widths 128..1024 without 1x1 reduction, 96x96 → 512-d."""
     return FaceResNet(**kwargs)
 
 
-@register_model
+@register_model(cfg=_FACERES_CFG)
 def repmlp_faceres(**kwargs: Any) -> FaceResNet:
     """RepMLP-FaceRes (paper): RepMLP Bottlenecks (h=w=6, r=2, g=4, K=1,3,5) in the stride-1 blocks of c2..c4."""
     return FaceResNet(**{**_REPMLP, **kwargs})
@@ -138,13 +144,13 @@ _TINY = dict(layers=(2, 2, 2, 1), widths=(32, 64, 128, 256), stem_width=16, embe
              partition=4, kernels=(1, 3), groups=(2, 2, 4, 1))
 
 
-@register_model
+@register_model(cfg=_FACERES_TINY_CFG)
 def faceresnet_tiny(**kwargs: Any) -> FaceResNet:
     """A small FaceResNet for tests and the demo: 64x64 → 128-d."""
     return FaceResNet(**{**_TINY, **kwargs})
 
 
-@register_model
+@register_model(cfg=_FACERES_TINY_CFG)
 def repmlp_faceres_tiny(**kwargs: Any) -> FaceResNet:
     """The small FaceResNet with RepMLP Bottlenecks in c2..c4 (16, 4 and 1 partitions of 4x4)."""
     return FaceResNet(**{**_TINY, **_REPMLP, **kwargs})

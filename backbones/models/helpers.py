@@ -1,6 +1,9 @@
 """Helpers shared by the network families."""
 from __future__ import annotations
 
+# insightface normalizes aligned faces to [-1, 1]
+FACE_MEAN = FACE_STD = (0.5, 0.5, 0.5)
+
 
 def check_embedding_only(name: str, num_classes: int) -> None:
     """Face backbones end in an embedding; identities are classified by the task's margin head."""

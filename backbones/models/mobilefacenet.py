@@ -10,6 +10,7 @@ linear+BN1d one biased linear, so the deploy model has no BatchNorm. PReLU stays
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 from torch import Tensor, nn
@@ -18,8 +19,8 @@ from ..layers.convbn import ConvBN
 from ..layers.helpers import to_pair
 from ..reparam.block import ReparamBlock, assign_parameter
 from ..reparam.math import fuse_bn
-from .helpers import check_embedding_only
-from .registry import register_model
+from .helpers import FACE_MEAN, FACE_STD, check_embedding_only
+from .registry import ModelCfg, register_model
 
 __all__ = ["LinearBN", "MobileFaceNet", "mobilefacenet", "mobilefacenet_tiny"]
 
@@ -141,13 +142,18 @@ class MobileFaceNet(ReparamBlock):
         return self.features(x.flatten(1))
 
 
-@register_model
+# The GDC covers the whole final map, so a MobileFaceNet works at its img_size only; it exposes no stage maps.
+_MBF_CFG = ModelCfg(input_size=(112, 112), fixed_size=True, num_features=512, mean=FACE_MEAN, std=FACE_STD)
+_MBF_TINY_CFG = replace(_MBF_CFG, input_size=(64, 64), num_features=128)
+
+
+@register_model(cfg=_MBF_CFG)
 def mobilefacenet(**kwargs: Any) -> MobileFaceNet:
     """insightface ``mbf`` ("mobilefacenet-0.45G"): blocks (1,4,6,2), scale 2, 112x112 → 512-d."""
     return MobileFaceNet(**kwargs)
 
 
-@register_model
+@register_model(cfg=_MBF_TINY_CFG)
 def mobilefacenet_tiny(**kwargs: Any) -> MobileFaceNet:
     """A small MobileFaceNet for tests and the demo: blocks (1,1,2,1), scale 1, 64x64 → 128-d."""
     return MobileFaceNet(**{"blocks": (1, 1, 2, 1), "scale": 1, "embedding_size": 128, "img_size": 64, **kwargs})

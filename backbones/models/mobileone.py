@@ -7,13 +7,14 @@ padding mode are exact (the official block ignores dilation).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
 
 from ..layers.classifier import PooledClassifier
 from ..layers.mobileone import MobileOneBlock
-from .registry import register_model
+from .registry import ModelCfg, register_model
 
 
 class MobileOne(PooledClassifier):
@@ -58,13 +59,18 @@ class MobileOne(PooledClassifier):
         self.add_classifier()
 
 
-@register_model
+_S0_CFG = ModelCfg(input_size=(224, 224), fixed_size=False, num_features=1024,
+                   feature_channels=(48, 128, 256, 1024), feature_strides=(4, 8, 16, 32))
+_S0_TINY_CFG = replace(_S0_CFG, input_size=(64, 64), num_features=128, feature_channels=(16, 32, 64, 128))
+
+
+@register_model(cfg=_S0_CFG)
 def mobileone_s0(**kwargs: Any) -> MobileOne:
     """MobileOne-S0: 71.4% ImageNet top-1; 2.08M parameters deployed (5.29M at train time)."""
     return MobileOne(**kwargs)
 
 
-@register_model
+@register_model(cfg=_S0_TINY_CFG)
 def mobileone_s0_tiny(**kwargs: Any) -> MobileOne:
     """A 64x64-input MobileOne for tests (pairs 1,2,2,1; widths 16..128; k=2)."""
     return MobileOne(**{"num_blocks": (1, 2, 2, 1), "widths": (16, 32, 64, 128), "stem_width": 16,

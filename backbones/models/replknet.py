@@ -11,6 +11,7 @@ refuses SyncBatchNorm instead.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Optional
 
 import torch
@@ -24,7 +25,7 @@ from ..layers.large_kernel import ReparamLargeKernelConv
 from ..reparam.block import ReparamBlock, assign_parameter
 from ..reparam.math import bn_scale_shift, fuse_bn_before_linear
 from ..reparam.walker import convert_children
-from .registry import register_model
+from .registry import ModelCfg, register_model
 
 
 class PreBNResidual(ReparamBlock):
@@ -192,13 +193,18 @@ class NormPoolHead(ReparamBlock):
         return pooled if pre_logits else self.fc(pooled)
 
 
-@register_model
+_31B_CFG = ModelCfg(input_size=(224, 224), fixed_size=False, num_features=1024,
+                    feature_channels=(128, 256, 512, 1024), feature_strides=(4, 8, 16, 32))
+_31B_TINY_CFG = replace(_31B_CFG, input_size=(64, 64), num_features=128, feature_channels=(16, 32, 64, 128))
+
+
+@register_model(cfg=_31B_CFG)
 def replknet_31b(**kwargs: Any) -> RepLKNet:
     """RepLKNet-31B: kernels 31/29/27/13 with a parallel 5x5; 83.5% ImageNet top-1 at 224, 79M parameters."""
     return RepLKNet(**kwargs)
 
 
-@register_model
+@register_model(cfg=_31B_TINY_CFG)
 def replknet_31b_tiny(**kwargs: Any) -> RepLKNet:
     """A 64x64-input RepLKNet for tests: kernels 13/11/7/5 with a parallel 3x3, one pair per stage."""
     return RepLKNet(**{"kernels": (13, 11, 7, 5), "layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128),

@@ -7,13 +7,14 @@ quantizable (INT8); it converts to the same plain conv.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
 
 from ..layers.classifier import PooledClassifier
 from ..layers.repvgg import RepVGGBlock
-from .registry import register_model
+from .registry import ModelCfg, register_model
 
 
 class RepVGG(PooledClassifier):
@@ -66,37 +67,43 @@ _B0 = dict(num_blocks=(4, 6, 16, 1), **_widths(1.0, 2.5))
 _TINY = dict(num_blocks=(1, 2, 2, 1), widths=(16, 32, 64, 128), stem_width=16, img_size=64, num_classes=10)
 
 
-@register_model
+_A0_CFG = ModelCfg(input_size=(224, 224), fixed_size=False, num_features=1280,
+                   feature_channels=(48, 96, 192, 1280), feature_strides=(4, 8, 16, 32))
+_B0_CFG = replace(_A0_CFG, feature_channels=(64, 128, 256, 1280))
+_TINY_CFG = replace(_A0_CFG, input_size=(64, 64), num_features=128, feature_channels=(16, 32, 64, 128))
+
+
+@register_model(cfg=_A0_CFG)
 def repvgg_a0(**kwargs: Any) -> RepVGG:
     """RepVGG-A0: 72.41% ImageNet top-1; 8.30M parameters deployed (9.11M at train time)."""
     return RepVGG(**{**_A, **kwargs})
 
 
-@register_model
+@register_model(cfg=_B0_CFG)
 def repvgg_b0(**kwargs: Any) -> RepVGG:
     """RepVGG-B0: 75.14% ImageNet top-1; 14.33M parameters deployed."""
     return RepVGG(**{**_B0, **kwargs})
 
 
-@register_model
+@register_model(cfg=_A0_CFG)
 def qarepvgg_a0(**kwargs: Any) -> RepVGG:
     """RepVGG-A0 with QARepVGG blocks (BN-free 1x1 and identity branches, BN after the sum)."""
     return RepVGG(**{**_A, "quant_friendly": True, **kwargs})
 
 
-@register_model
+@register_model(cfg=_TINY_CFG)
 def repvgg_a0_tiny(**kwargs: Any) -> RepVGG:
     """A 64x64-input RepVGG for tests and the demo (blocks 1,2,2,1; widths 16..128)."""
     return RepVGG(**{**_TINY, **kwargs})
 
 
-@register_model
+@register_model(cfg=_TINY_CFG)
 def repvgg_b0_tiny(**kwargs: Any) -> RepVGG:
     """The tiny RepVGG with B0's deeper layout scaled down (blocks 2,3,4,1)."""
     return RepVGG(**{**_TINY, "num_blocks": (2, 3, 4, 1), **kwargs})
 
 
-@register_model
+@register_model(cfg=_TINY_CFG)
 def qarepvgg_a0_tiny(**kwargs: Any) -> RepVGG:
     """The tiny RepVGG with QARepVGG blocks."""
     return RepVGG(**{**_TINY, "quant_friendly": True, **kwargs})

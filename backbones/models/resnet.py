@@ -10,6 +10,7 @@ Every factory takes ``num_classes`` (0: headless, ``forward`` returns pooled fea
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, Literal
 
 from torch import Tensor, nn
@@ -22,7 +23,7 @@ from ..layers.helpers import to_pair
 from ..layers.repmlp import Kernels, RepMLP
 from ..layers.repmlp_blocks import RepMLPBottleneck, RepMLPLight
 from ..reparam.block import ReparamBlock
-from .registry import register_model
+from .registry import ModelCfg, register_model
 
 Size = tuple[int, int]
 
@@ -274,6 +275,25 @@ class ResNet(PooledClassifier):
 
 
 
+# ------------------------------------------------------------------------------- default configs
+# A ResNet takes any input size and records it; with RepMLP stages it works at its img_size only.
+_OS32, _OS8 = (4, 8, 16, 32), (4, 8, 8, 8)  # c2..c5 strides: plain, and output stride 8 (dilated c4, c5)
+_R50_CFG = ModelCfg(input_size=(224, 224), fixed_size=False, num_features=2048,
+                    feature_channels=(256, 512, 1024, 2048), feature_strides=_OS32)
+_REPMLP_R50_CFG = replace(_R50_CFG, fixed_size=True)
+_REPMLP_R50_320_CFG = replace(_REPMLP_R50_CFG, input_size=(320, 320))
+_R18_CFG = ModelCfg(input_size=(224, 224), fixed_size=False, num_features=512,
+                    feature_channels=(64, 128, 256, 512), feature_strides=_OS32)
+_R18_TINY_CFG = replace(_R18_CFG, input_size=(64, 64), num_features=128, feature_channels=(16, 32, 64, 128))
+_TINY_CFG = ModelCfg(input_size=(64, 64), fixed_size=False, num_features=256,
+                     feature_channels=(32, 64, 128, 256), feature_strides=_OS32)
+_REPMLP_TINY_CFG = replace(_TINY_CFG, fixed_size=True)
+_R50_D8_CFG = replace(_R50_CFG, feature_strides=_OS8)
+_REPMLP_R50_D8_713_CFG = replace(_R50_D8_CFG, input_size=(713, 713), fixed_size=True)
+_TINY_D8_CFG = replace(_TINY_CFG, input_size=(128, 128), feature_strides=_OS8)
+_REPMLP_TINY_D8_CFG = replace(_TINY_D8_CFG, fixed_size=True)
+
+
 # ------------------------------------------------------------------------------- factories
 def _resnet(defaults: dict[str, Any], overrides: dict[str, Any]) -> ResNet:
     return ResNet(**{**defaults, **overrides})
@@ -283,26 +303,26 @@ _R50 = dict(layers=(3, 4, 6, 3))
 _TINY = dict(layers=(1, 2, 2, 1), widths=(32, 64, 128, 256), stem_width=16, img_size=64)
 
 
-@register_model
+@register_model(cfg=_R50_CFG)
 def resnet50(**kwargs: Any) -> ResNet:
     """ResNet-50 baseline (torchvision layout, 25.6M params); ``conv_type`` as for ResNet-18."""
     return _resnet(_R50, kwargs)
 
 
-@register_model
+@register_model(cfg=_R50_CFG)
 def resnet50_v1c(**kwargs: Any) -> ResNet:
     """ResNet-50 with the deep 3x3 stem (V1c), the backbone of mmseg's PSPNet-R50."""
     return _resnet({**_R50, "deep_stem": True}, kwargs)
 
 
-@register_model
+@register_model(cfg=_REPMLP_R50_CFG)
 def repmlp_res50_light_224(**kwargs: Any) -> ResNet:
     """RepMLP-Res50 Light blocks in c3, c4 (official ``RepMLP-Res50-light-224``): h=w=7, K=1,3,5, g=4."""
     return _resnet({**_R50, "img_size": 224, "repmlp_stages": (3, 4), "repmlp_block": "light", "partition": 7,
                     "kernels": (1, 3, 5), "groups": (1, 4, 4, 1)}, kwargs)
 
 
-@register_model
+@register_model(cfg=_REPMLP_R50_CFG)
 def repmlp_res50_g8_224(**kwargs: Any) -> ResNet:
     """RepMLP-Res50 Bottleneck-224 (official): g=8, r=(2,4), K=1,3,5, h=w=7 in c3, c4."""
     return _resnet({**_R50, "img_size": 224, "repmlp_stages": (3, 4), "partition": 7, "kernels": (1, 3, 5),
@@ -314,19 +334,19 @@ def _res50_320(g3: int, g4: int, kwargs: dict[str, Any]) -> ResNet:
                     "groups": (1, g3, g4, 1), "bottleneck_r": (1, 2, 4, 1)}, kwargs)
 
 
-@register_model
+@register_model(cfg=_REPMLP_R50_320_CFG)
 def repmlp_res50_g8_16_320(**kwargs: Any) -> ResNet:
     """RepMLP-Res50 at 320 (paper's "g8/16"): g=8 in c3, 16 in c4; h=w=10, K=1,3,5,7."""
     return _res50_320(8, 16, kwargs)
 
 
-@register_model
+@register_model(cfg=_REPMLP_R50_320_CFG)
 def repmlp_res50_g8_8_320(**kwargs: Any) -> ResNet:
     """RepMLP-Res50 at 320, "g8/8"."""
     return _res50_320(8, 8, kwargs)
 
 
-@register_model
+@register_model(cfg=_REPMLP_R50_320_CFG)
 def repmlp_res50_g4_8_320(**kwargs: Any) -> ResNet:
     """RepMLP-Res50 at 320, "g4/8" (the PSPNet backbone of the paper)."""
     return _res50_320(4, 8, kwargs)
@@ -335,20 +355,20 @@ def repmlp_res50_g4_8_320(**kwargs: Any) -> ResNet:
 _R18 = dict(layers=(2, 2, 2, 2), widths=(64, 128, 256, 512), block="basic")
 
 
-@register_model
+@register_model(cfg=_R18_CFG)
 def resnet18(**kwargs: Any) -> ResNet:
     """ResNet-18 (11.7M params); ``conv_type`` makes its 3x3 convs ACB/DBB/OREPA blocks."""
     return _resnet(_R18, kwargs)
 
 
-@register_model
+@register_model(cfg=_R18_TINY_CFG)
 def resnet18_tiny(**kwargs: Any) -> ResNet:
     """A 64x64-input ResNet-18 layout for tests (one basic block per stage, widths 16..128)."""
     return _resnet({**_R18, "layers": (1, 1, 1, 1), "widths": (16, 32, 64, 128), "stem_width": 16,
                     "img_size": 64, "num_classes": 10}, kwargs)
 
 
-@register_model
+@register_model(cfg=_TINY_CFG)
 def resnet_tiny(**kwargs: Any) -> ResNet:
     """A 64x64-input ResNet for tests and the demo (layers 1,2,2,1; widths 32..256)."""
     return _resnet({**_TINY, "num_classes": 10}, kwargs)
@@ -358,13 +378,13 @@ _TINY_REPMLP = {**_TINY, "num_classes": 10, "repmlp_stages": (3, 4), "partition"
                 "groups": (1, 2, 4, 1), "bottleneck_r": (1, 2, 2, 1), "fc1_reduction": (1, 2, 2, 1)}
 
 
-@register_model
+@register_model(cfg=_REPMLP_TINY_CFG)
 def repmlp_res_tiny(**kwargs: Any) -> ResNet:
     """Tiny RepMLP-ResNet (bottleneck): c3 8x8 with 4 partitions (Global Perceptron), c4 4x4 with one."""
     return _resnet(_TINY_REPMLP, kwargs)
 
 
-@register_model
+@register_model(cfg=_REPMLP_TINY_CFG)
 def repmlp_res_light_tiny(**kwargs: Any) -> ResNet:
     """Tiny RepMLP-ResNet with Light blocks."""
     return _resnet({**_TINY_REPMLP, "repmlp_block": "light"}, kwargs)
@@ -375,13 +395,13 @@ def repmlp_res_light_tiny(**kwargs: Any) -> ResNet:
 _D8 = dict(strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4), num_classes=0)
 
 
-@register_model
+@register_model(cfg=_R50_D8_CFG)
 def resnet50_v1c_d8(**kwargs: Any) -> ResNet:
     """ResNet-50 V1c, output stride 8: the backbone of mmseg's PSPNet-R50-D8 (headless)."""
     return _resnet({**_R50, **_D8, "deep_stem": True}, kwargs)
 
 
-@register_model
+@register_model(cfg=_REPMLP_R50_D8_713_CFG)
 def repmlp_res50_g4_8_d8_713(**kwargs: Any) -> ResNet:
     """RepMLP-Res50 g4/8, output stride 8, for a 713x713 crop: c3 and c4 maps are 90x90, h=w=10,
     K=1,3,5,7, Global Perceptron fc1/fc2 reduced 4x in c3 and 8x in c4 (the paper's PSPNet backbone)."""
@@ -390,13 +410,13 @@ def repmlp_res50_g4_8_d8_713(**kwargs: Any) -> ResNet:
                     "fc1_reduction": (1, 4, 8, 1)}, kwargs)
 
 
-@register_model
+@register_model(cfg=_TINY_D8_CFG)
 def resnet_tiny_d8(**kwargs: Any) -> ResNet:
     """Tiny V1c ResNet with output stride 8 (tests and the segmentation demo; any input size)."""
     return _resnet({**_TINY, **_D8, "deep_stem": True, "img_size": 128}, kwargs)
 
 
-@register_model
+@register_model(cfg=_REPMLP_TINY_D8_CFG)
 def repmlp_res_tiny_d8(**kwargs: Any) -> ResNet:
     """Tiny RepMLP-ResNet with output stride 8 for a 128x128 crop: c3, c4 maps 16x16, h=w=8."""
     return _resnet({**_TINY_REPMLP, **_D8, "img_size": 128, "partition": 8}, kwargs)

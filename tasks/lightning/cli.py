@@ -3,8 +3,8 @@
 :class:`TaskCLI` is a LightningCLI with the project's conventions:
 
 - with no ``--config``, the task's demo config is used (so a bare ``fit`` trains on the demo data);
-- the crop size follows the model: ``data.image_size`` is computed from ``model.backbone`` and
-  ``model.backbone_kwargs`` (a RepMLP backbone is built for one input size);
+- the crop size follows the model: ``data.image_size`` is the ``img_size`` in ``model.backbone_kwargs``,
+  else the backbone's registered default (a RepMLP backbone is built for one input size);
 - :class:`callbacks.ReparamCallback` is always present (options under ``--reparam.*``);
 - ``seed_everything`` must be an explicit integer; it also seeds the training order and
   augmentation (``data.seed``), so ``--ckpt_path last`` resumes exactly; the config is saved with
@@ -62,7 +62,33 @@ def _has_config(args: Sequence[str]) -> bool:
 
 
 def _model_input_size(backbone: str, backbone_kwargs: Optional[dict[str, Any]]) -> tuple[int, int]:
-    return input_size(backbone, **(backbone_kwargs or {}))
+    return input_size(backbone, **(backbone_kwargs or {}))  # from the registry's config: no model is built
+
+
+def _refuse_linked_data(argv: Sequence[str], default_configs: Sequence[str]) -> None:
+    """A flag (``--data.image_size``), config file or inline config (``-c``, ``--config``, ``--data``)
+    that sets a ``data`` value the CLI links (:data:`_LINKED_DATA`) is an error that names it and
+    where to set the value. Checked before parsing, as jsonargparse refuses such a flag with a
+    message that does not say where the value comes from, and silently replaces a file's value."""
+    configs = [(path, path, "data") for path in default_configs]  # (name, file or YAML text, section)
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        key = flag.removeprefix("--data.")
+        if key != flag and key in _LINKED_DATA:
+            raise ValueError(f"{flag}: {_LINKED_DATA[key]}")
+        if flag in ("-c", "--config", "--data"):
+            value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            configs.append((value if Path(value).is_file() else flag, value, "data" if flag != "--data" else None))
+    for name, source, section in configs:
+        try:
+            document = yaml.safe_load(Path(source).read_text() if Path(source).is_file() else source)
+        except (OSError, yaml.YAMLError):
+            continue  # jsonargparse reports it
+        data = document.get(section) if section and isinstance(document, dict) else document
+        for key, rule in _LINKED_DATA.items():
+            if isinstance(data, dict) and key in data:
+                place = "this file" if name == source else "this value"
+                raise ValueError(f"{name}: remove data.{key} from {place}: {rule}")
 
 
 def _explicit_seed(seed: Any) -> int:
@@ -91,20 +117,18 @@ class TaskCLI(LightningCLI):
         **kwargs: Any,
     ) -> None:
         argv = sys.argv[1:] if args is None else list(args)
-        if any(a == "--data.image_size" or a.startswith("--data.image_size=") for a in argv):
-            # jsonargparse's own message for this link (computed from two arguments) is cryptic
-            raise ValueError(f"--data.image_size: {_LINKED_DATA['image_size']}")
         parser_kwargs: dict[str, Any] = kwargs.pop("parser_kwargs", {})
-        self._demo_configs: list[str] = []
+        demo_configs: list[str] = []
         if demo_config is not None and not _has_config(argv):
             if not Path(demo_config).is_file():  # jsonargparse would silently run without it
                 raise FileNotFoundError(
                     f"the demo config {demo_config} is missing (it ships in configs/ of the source tree and in "
                     "the package); reinstall the package, or pass --config FILE"
                 )
-            self._demo_configs.append(str(demo_config))
+            demo_configs.append(str(demo_config))
             for sub in self.subcommands():
                 parser_kwargs.setdefault(sub, {}).setdefault("default_config_files", [str(demo_config)])
+        _refuse_linked_data(argv, demo_configs)
         super().__init__(
             model_class,
             datamodule_class,
@@ -136,7 +160,6 @@ class TaskCLI(LightningCLI):
         return trainer
 
     def before_instantiate_classes(self) -> None:
-        self._refuse_linked_values(self.config[self.subcommand] if self.subcommand else self.config)
         if self.subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":
             self._resolve_last_checkpoint(self.config.fit)
         config = self.config[self.subcommand] if self.subcommand else None
@@ -145,20 +168,6 @@ class TaskCLI(LightningCLI):
             # config.yaml names the file its fit started from, which may be gone by now)
             print(f"--ckpt_path {config.ckpt_path} is restored; model.weights {config.model.weights} is not read")
             config.model.weights = None
-
-    def _refuse_linked_values(self, config: Any) -> None:
-        """A config file that sets a ``data`` value the CLI computes is an error naming the file:
-        jsonargparse would silently replace the file's value by the computed one."""
-        files = [(str(p), p.get_content) for p in config.get("config") or [] if hasattr(p, "get_content")]
-        files += [(p, Path(p).read_text) for p in self._demo_configs]
-        for name, read in files:
-            document = yaml.safe_load(read())
-            data = document.get("data") if isinstance(document, dict) else None
-            if not isinstance(data, dict):
-                continue
-            for key, rule in _LINKED_DATA.items():
-                if key in data:
-                    raise ValueError(f"{name}: remove data.{key} from this file: {rule}")
 
     def _resolve_last_checkpoint(self, config: Any) -> None:
         """``fit --ckpt_path last``: continue the newest run of this config in its own folder.

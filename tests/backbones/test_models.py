@@ -140,15 +140,6 @@ def test_resnet_conv_types(name, conv_type):
     create(name, deploy=True).load_state_dict(deploy.state_dict(), strict=False)
 
 
-@pytest.mark.parametrize("name,kwargs", [(n, {}) for n in ALL] + [("resnet18", {"conv_type": t})
-                                                                    for t in ("acb", "dbb", "orepa")])
-def test_input_size_builds_on_the_meta_device(name, kwargs):
-    """The data modules size their crops with backbones.input_size, which builds the model on the
-    meta device: no constructor may read tensor data (a torch.linspace(...).tolist() did)."""
-    size = backbones.input_size(name, **kwargs)
-    assert len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)
-
-
 def test_replknet_pre_logits_survive_the_conversion():
     """The final BN becomes a scale and shift of the pooled features, so features (pre_logits) match too."""
     model = randomize_bn(create("replknet_31b_tiny"), seed=6).eval()

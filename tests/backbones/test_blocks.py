@@ -184,15 +184,36 @@ class InjectingNet(nn.Module):
 
 
 @pytest.mark.parametrize("wrap", ["bare", "inside_a_reparam_block"])
-def test_walker_runs_each_conversion_once_whoever_calls_it(wrap):
+def test_walker_does_not_descend_into_a_module_it_converted(wrap):
+    """The walker's rule: a module whose conversion method it called converts its own subtree, so
+    the RepMLPNet root's blocks get their non-idempotent ``local_inject`` once (a second raises)."""
     net = InjectingNet()
     model = net if wrap == "bare" else CountingBlock(nn.Sequential(net, ThirdPartyBlock()))
-    reparameterize_model(model, inplace=True)  # a second local_inject or reparameterize would raise
+    by_hand = copy.deepcopy(net)
+    by_hand.switch_to_deploy()
+    reparameterize_model(model, inplace=True)
     assert not any(hasattr(m, "bn") for m in net.blocks.modules())
-    # the guards are gone afterwards: the modules' methods are their classes' again
-    assert all(not set(m.__dict__) & {"switch_to_deploy", "reparameterize", "local_inject"} for m in model.modules())
+    # the walker keeps no state on the modules: their attributes are what the conversion left
+    assert [sorted(vars(m)) for m in net.modules()] == [sorted(vars(m)) for m in by_hand.modules()]
     if wrap != "bare":
         assert model.calls == 1 and model.inner[1].converted == 1
+
+
+def test_walker_calls_only_the_outermost_conversion():
+    """A third-party block nested in one that has its own conversion method is left to that method:
+    timm's leaf convention inside a root that does not convert it stays as it was."""
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = ThirdPartyBlock()
+
+        def switch_to_deploy(self):
+            pass  # converts nothing: the walker must not reach past it
+
+    model = nn.Sequential(Root(), ThirdPartyBlock())
+    reparameterize_model(model, inplace=True)
+    assert model[0].block.converted == 0 and model[1].converted == 1
 
 
 def test_walker_refuses_sync_batchnorm():

@@ -39,6 +39,8 @@ def test_whole_model_equivalence_and_deploy_round_trip(name):
     deploy = reparameterize_model(model)
     assert model_relative_error(model, deploy, x) <= 1e-4
     assert not any(isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) for m in deploy.modules())
+    # the walker calls the root's switch_to_deploy only: every block inside converts through it
+    assert all(m.deploy for m in deploy.modules() if isinstance(m, ReparamBlock))
     built = create(name, deploy=True)
     converted = deploy.state_dict()
     assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in converted.items()}

@@ -6,6 +6,7 @@ lists them; ``backbones.reparameterize_model(model)`` converts any model to its 
 from .layers.acb import ACBlock
 from .layers.convbn import ConvBN
 from .layers.dbb import DiverseBranchBlock
+from .layers.geometry import ConvGeometry
 from .layers.mobileone import MobileOneBlock
 from .layers.orepa import OREPA
 from .layers.large_kernel import ReparamLargeKernelConv
@@ -18,7 +19,7 @@ from .layers.repvgg import RepVGGBlock
 from .models.resnet import BasicBlock, Bottleneck, ResNet
 
 __all__ = [
-    "ACBlock", "BasicBlock", "Bottleneck", "ConvBN", "DiverseBranchBlock", "MobileOneBlock", "OREPA",
+    "ACBlock", "BasicBlock", "Bottleneck", "ConvBN", "ConvGeometry", "DiverseBranchBlock", "MobileOneBlock", "OREPA",
     "ReparamLargeKernelConv", "RepVGGBlock", "RepMLP", "RepMLPBottleneck", "RepMLPLight", "ReparamBlock", "ResNet",
     "create", "input_size", "list_models", "max_relative_error", "model_relative_error", "register_model",
     "reparameterize_model",

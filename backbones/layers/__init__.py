@@ -5,6 +5,7 @@ from .classifier import PooledClassifier
 from .convbn import ConvBN
 from .dbb import DiverseBranchBlock
 from .drop_path import DropPath
+from .geometry import ConvGeometry
 from .large_kernel import ReparamLargeKernelConv
 from .merged_conv import MergedConvBlock
 from .mobileone import MobileOneBlock
@@ -14,6 +15,6 @@ from .repmlp_blocks import RepMLPBottleneck, RepMLPLight
 from .repvgg import RepVGGBlock
 
 __all__ = [
-    "ACBlock", "PooledClassifier", "ConvBN", "DiverseBranchBlock", "DropPath", "ReparamLargeKernelConv",
+    "ACBlock", "PooledClassifier", "ConvBN", "ConvGeometry", "DiverseBranchBlock", "DropPath", "ReparamLargeKernelConv",
     "MergedConvBlock", "MobileOneBlock", "OREPA", "RepMLP", "RepMLPBottleneck", "RepMLPLight", "RepVGGBlock",
 ]

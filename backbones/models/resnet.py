@@ -18,6 +18,7 @@ from ..layers.classifier import PooledClassifier
 from ..layers.conv_types import ConvType, make_conv
 from ..layers.convbn import ConvBN
 from ..layers.dbb import BNAndPad
+from ..layers.geometry import ConvGeometry
 from ..layers.helpers import to_pair
 from ..layers.repmlp import Kernels, RepMLP
 from ..layers.repmlp_blocks import RepMLPBottleneck, RepMLPLight
@@ -73,7 +74,8 @@ class Bottleneck(ReparamBlock):
         super().__init__()
         self.deploy = deploy
         self.conv1 = ConvBN(in_channels, mid_channels, 1, act=True, deploy=deploy)
-        self.conv2 = make_conv(conv_type, mid_channels, mid_channels, 3, stride, dilation, act=True, deploy=deploy)
+        self.conv2 = make_conv(conv_type, mid_channels, mid_channels, ConvGeometry(3, stride, dilation=dilation),
+                               act=True, deploy=deploy)
         self.conv3 = ConvBN(mid_channels, out_channels, 1, act=True, deploy=deploy)  # ReLU after the add
         self.shortcut = _shortcut(in_channels, out_channels, stride, deploy)
 
@@ -98,8 +100,10 @@ class BasicBlock(ReparamBlock):
     ) -> None:
         super().__init__()
         self.deploy = deploy
-        self.conv1 = make_conv(conv_type, in_channels, out_channels, 3, stride, dilation, act=True, deploy=deploy)
-        self.conv2 = make_conv(conv_type, out_channels, out_channels, 3, 1, dilation, act=True, deploy=deploy)
+        self.conv1 = make_conv(conv_type, in_channels, out_channels, ConvGeometry(3, stride, dilation=dilation),
+                               act=True, deploy=deploy)
+        self.conv2 = make_conv(conv_type, out_channels, out_channels, ConvGeometry(3, dilation=dilation),
+                               act=True, deploy=deploy)
         self.shortcut = _shortcut(in_channels, out_channels, stride, deploy)
 
     def forward(self, x: Tensor) -> Tensor:

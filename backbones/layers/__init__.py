@@ -11,10 +11,10 @@ from .merged_conv import MergedConvBlock
 from .mobileone import MobileOneBlock
 from .orepa import OREPA
 from .repmlp import RepMLP
-from .repmlp_blocks import RepMLPBottleneck, RepMLPLight
+from .repmlp_blocks import RepMLPBottleneck, RepMLPCfg, RepMLPLight
 from .repvgg import RepVGGBlock
 
 __all__ = [
     "ACBlock", "PooledClassifier", "ConvBN", "ConvGeometry", "DiverseBranchBlock", "DropPath", "ReparamLargeKernelConv",
-    "MergedConvBlock", "MobileOneBlock", "OREPA", "RepMLP", "RepMLPBottleneck", "RepMLPLight", "RepVGGBlock",
+    "MergedConvBlock", "MobileOneBlock", "OREPA", "RepMLP", "RepMLPBottleneck", "RepMLPCfg", "RepMLPLight", "RepVGGBlock",
 ]

@@ -5,15 +5,16 @@ from .classifier import PooledClassifier
 from .convbn import ConvBN
 from .dbb import DiverseBranchBlock
 from .drop_path import DropPath
+from .geometry import ConvGeometry
 from .large_kernel import ReparamLargeKernelConv
 from .merged_conv import MergedConvBlock
 from .mobileone import MobileOneBlock
 from .orepa import OREPA
 from .repmlp import RepMLP
-from .repmlp_blocks import RepMLPBottleneck, RepMLPLight
+from .repmlp_blocks import RepMLPBottleneck, RepMLPCfg, RepMLPLight
 from .repvgg import RepVGGBlock
 
 __all__ = [
-    "ACBlock", "PooledClassifier", "ConvBN", "DiverseBranchBlock", "DropPath", "ReparamLargeKernelConv",
-    "MergedConvBlock", "MobileOneBlock", "OREPA", "RepMLP", "RepMLPBottleneck", "RepMLPLight", "RepVGGBlock",
+    "ACBlock", "PooledClassifier", "ConvBN", "ConvGeometry", "DiverseBranchBlock", "DropPath", "ReparamLargeKernelConv",
+    "MergedConvBlock", "MobileOneBlock", "OREPA", "RepMLP", "RepMLPBottleneck", "RepMLPCfg", "RepMLPLight", "RepVGGBlock",
 ]

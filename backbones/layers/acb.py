@@ -6,12 +6,11 @@ Dilation and every padding mode are exact (the official block fails with dilatio
 """
 from __future__ import annotations
 
-from typing import Optional
-
 from torch import Tensor
 
 from ..reparam.math import add_branches
 from .convbn import ConvBN
+from .geometry import ConvGeometry
 from .merged_conv import MergedConvBlock
 
 
@@ -23,24 +22,14 @@ class ACBlock(MergedConvBlock):
     """
 
     def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int = 3,
-        stride: int = 1,
-        padding: Optional[int] = None,
-        dilation: int = 1,
-        groups: int = 1,
-        padding_mode: str = "zeros",
-        act: bool = False,
+        self, in_channels: int, out_channels: int, geometry: ConvGeometry = ConvGeometry(), act: bool = False,
         deploy: bool = False,
     ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                         padding_mode, act, deploy)
+        super().__init__(in_channels, out_channels, geometry, act, deploy)
         if deploy:
             return
-        k, p = kernel_size, self.padding
-        common = dict(stride=stride, dilation=dilation, groups=groups, padding_mode=padding_mode)
+        k, p = self.kernel_size, self.padding
+        common = dict(stride=self.stride, dilation=self.dilation, groups=self.groups, padding_mode=self.padding_mode)
         self.square = ConvBN(in_channels, out_channels, k, padding=p, **common)
         self.ver = ConvBN(in_channels, out_channels, (k, 1), padding=(p, 0), **common)
         self.hor = ConvBN(in_channels, out_channels, (1, k), padding=(0, p), **common)

@@ -13,6 +13,7 @@ from torch import nn
 from .acb import ACBlock
 from .convbn import ConvBN
 from .dbb import DiverseBranchBlock
+from .geometry import ConvGeometry
 from .orepa import OREPA
 
 ConvType = Literal["conv", "acb", "dbb", "orepa"]
@@ -20,18 +21,14 @@ CONV_TYPES: dict[str, type[nn.Module]] = {"conv": ConvBN, "acb": ACBlock, "dbb":
 
 
 def make_conv(
-    conv_type: ConvType,
-    in_channels: int,
-    out_channels: int,
-    kernel_size: int,
-    stride: int = 1,
-    dilation: int = 1,
-    groups: int = 1,
-    act: bool = False,
+    conv_type: ConvType, in_channels: int, out_channels: int, geometry: ConvGeometry, act: bool = False,
     deploy: bool = False,
 ) -> nn.Module:
-    """A ``conv_type`` conv (with its BN folded at deploy), followed by ReLU when ``act``."""
+    """A ``conv_type`` conv of this ``geometry`` (with its BN folded at deploy), followed by ReLU when ``act``."""
     if conv_type not in CONV_TYPES:
         raise ValueError(f"conv_type must be one of {sorted(CONV_TYPES)}, got {conv_type!r}")
-    return CONV_TYPES[conv_type](in_channels, out_channels, kernel_size, stride, dilation=dilation, groups=groups,
-                                 act=act, deploy=deploy)
+    if conv_type == "conv":  # ConvBN also takes non-square kernels, so it keeps nn.Conv2d's arguments
+        g = geometry
+        return ConvBN(in_channels, out_channels, g.kernel_size, g.stride, g.padding, g.dilation, g.groups, act=act,
+                      padding_mode=g.padding_mode, deploy=deploy)
+    return CONV_TYPES[conv_type](in_channels, out_channels, geometry, act=act, deploy=deploy)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..reparam.math import add_branches, avg_kernel, bn_scale_shift, fuse_bn, identity_kernel, merge_1x1_kxk
 from .convbn import ConvBN
+from .geometry import ConvGeometry
 from .merged_conv import MergedConvBlock
 
 
@@ -72,21 +73,11 @@ class DiverseBranchBlock(MergedConvBlock):
     dilation_reason = "its average-pool branch has no dilated form"
 
     def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int = 3,
-        stride: int = 1,
-        padding: Optional[int] = None,
-        dilation: int = 1,
-        groups: int = 1,
-        padding_mode: str = "zeros",
-        internal_channels: Optional[int] = None,
-        act: bool = False,
-        deploy: bool = False,
+        self, in_channels: int, out_channels: int, geometry: ConvGeometry = ConvGeometry(), act: bool = False,
+        internal_channels: Optional[int] = None, deploy: bool = False,
     ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                         padding_mode, act, deploy)
+        super().__init__(in_channels, out_channels, geometry, act, deploy)
+        stride, groups, padding_mode = self.stride, self.groups, self.padding_mode
         depthwise = groups >= out_channels
         if depthwise and in_channels != out_channels:
             raise ValueError(f"DiverseBranchBlock: a depthwise block (groups={groups} >= out_channels) needs "
@@ -99,7 +90,7 @@ class DiverseBranchBlock(MergedConvBlock):
         self.identity_based = internal == in_channels
         if deploy:
             return
-        k, p = kernel_size, self.padding
+        k, p = self.kernel_size, self.padding
         self.origin = ConvBN(in_channels, out_channels, k, stride, p, groups=groups, padding_mode=padding_mode)
         if not depthwise:
             self.pointwise = ConvBN(in_channels, out_channels, 1, stride, 0, groups=groups)

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ..reparam.math import add_branches
 from .convbn import ConvBN
+from .geometry import ConvGeometry
 from .merged_conv import MergedConvBlock
 
 SLOW_NCHW_KERNEL = 15  # torch 2.13 CPU: from this size on, NCHW depthwise convs take a slow path
@@ -24,28 +25,18 @@ class ReparamLargeKernelConv(MergedConvBlock):
     """
 
     def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int = 31,
-        stride: int = 1,
-        padding: Optional[int] = None,
-        dilation: int = 1,
-        groups: int = 1,
-        small_kernel: Optional[int] = 5,
-        padding_mode: str = "zeros",
-        act: bool = False,
-        deploy: bool = False,
+        self, in_channels: int, out_channels: int, geometry: ConvGeometry = ConvGeometry(31), act: bool = False,
+        small_kernel: Optional[int] = 5, deploy: bool = False,
     ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                         padding_mode, act, deploy)
+        super().__init__(in_channels, out_channels, geometry, act, deploy)
+        kernel_size = self.kernel_size
         if small_kernel is not None and (small_kernel % 2 == 0 or small_kernel > kernel_size):
             raise ValueError(f"ReparamLargeKernelConv: small_kernel={small_kernel} must be odd and at most "
                              f"kernel_size={kernel_size}")
         self.small_kernel = small_kernel
         if deploy:
             return
-        common = dict(stride=stride, dilation=dilation, groups=groups, padding_mode=padding_mode)
+        common = dict(stride=self.stride, dilation=self.dilation, groups=self.groups, padding_mode=self.padding_mode)
         self.large = ConvBN(in_channels, out_channels, kernel_size, padding=self.padding, **common)
         if small_kernel is not None:
             self.small = ConvBN(in_channels, out_channels, small_kernel, **common)

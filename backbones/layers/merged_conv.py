@@ -1,6 +1,7 @@
 """MergedConvBlock: the base of every block whose deploy form is one conv (ACB, RepVGG, DBB, OREPA, MobileOne, large kernel)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -9,17 +10,17 @@ from torch import Tensor, nn
 
 from ..deploy.fused_conv import add_act, conv_act
 from ..reparam.block import ReparamBlock, assign_parameter
+from .geometry import PADDING_MODES, ConvGeometry
 
 __all__ = ["MergedConvBlock", "PADDING_MODES"]
-
-PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 class MergedConvBlock(ReparamBlock):
     """Parallel (or composed) conv branches whose deploy form is one conv, ``reparam_conv``, then ``act``.
 
-    ``(N, in_channels, H, W)`` → ``(N, out_channels, H', W')`` with the arithmetic of one
-    ``kernel_size`` conv of this ``stride``, ``dilation`` and "same" padding ``dilation * (k // 2)``.
+    ``(N, in_channels, H, W)`` → ``(N, out_channels, H', W')`` with the arithmetic of one conv of
+    this ``geometry`` (:class:`ConvGeometry`), whose padding is "same", ``dilation * (k // 2)``.
+    Its fields are also attributes of the block (``kernel_size``, ``stride``, ``padding``, ...).
     Subclasses build their branches when ``not deploy`` and implement ``forward_branches`` and
     ``merge_branches`` (pure, differentiable); conversion, the deploy conv (its geometry
     from the constructor, so ``deploy=True`` builds the same keys) and the forward live here.
@@ -32,39 +33,28 @@ class MergedConvBlock(ReparamBlock):
     any_padding = False  # True: a block that is one conv at train time accepts any padding
 
     def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        stride: int = 1,
-        padding: Optional[int] = None,
-        dilation: int = 1,
-        groups: int = 1,
-        padding_mode: str = "zeros",
-        act: bool = False,
-        deploy: bool = False,
+        self, in_channels: int, out_channels: int, geometry: ConvGeometry, act: bool = False, deploy: bool = False
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"{name}: kernel_size must be an odd int, got {kernel_size!r}")
+        if not isinstance(geometry, ConvGeometry):
+            raise TypeError(f"{name}: geometry must be a ConvGeometry, e.g. ConvGeometry(3, stride=2), "
+                            f"got {geometry!r}")
+        groups, dilation, padding = geometry.groups, geometry.dilation, geometry.padding
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"{name}: groups={groups} must divide in_channels={in_channels} "
                              f"and out_channels={out_channels}")
         if dilation != 1 and not self.supports_dilation:
             raise ValueError(f"{name}: dilation={dilation} is not supported ({self.dilation_reason}); "
                              "use ConvBN, ACBlock or OREPA for dilated convs")
-        same = dilation * (kernel_size // 2)
-        if padding is None:
-            padding = same
-        elif padding != same and not self.any_padding:
+        same = geometry.same_padding
+        if padding is not None and padding != same and not self.any_padding:
             raise ValueError(f"{name}: padding={padding} is not supported; the branches align only with "
                              f"'same' padding dilation*(kernel_size//2) = {same} (pass padding=None)")
-        if padding_mode not in PADDING_MODES:
-            raise ValueError(f"{name}: padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
-        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
-        self.padding_mode = padding_mode
+        self.geometry = replace(geometry, padding=same if padding is None else padding)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = self.geometry.kernel_size, geometry.stride, self.geometry.padding
+        self.dilation, self.groups, self.padding_mode = dilation, groups, geometry.padding_mode
         self.deploy = deploy
         if deploy:
             self.reparam_conv = self.new_conv()

@@ -1,12 +1,11 @@
 """The MobileOne block (Vasu et al., CVPR 2023): k over-parameterized K×K conv-BN branches, a 1×1 conv-BN and a skip BN, one conv at deploy."""
 from __future__ import annotations
 
-from typing import Optional
-
 from torch import Tensor, nn
 
 from ..reparam.math import add_branches, fuse_bn, identity_kernel
 from .convbn import ConvBN
+from .geometry import ConvGeometry
 from .merged_conv import MergedConvBlock
 
 
@@ -18,29 +17,19 @@ class MobileOneBlock(MergedConvBlock):
     """
 
     def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int = 3,
-        stride: int = 1,
-        padding: Optional[int] = None,
-        dilation: int = 1,
-        groups: int = 1,
-        num_conv_branches: int = 1,
-        padding_mode: str = "zeros",
-        act: bool = True,
-        deploy: bool = False,
+        self, in_channels: int, out_channels: int, geometry: ConvGeometry = ConvGeometry(), act: bool = True,
+        num_conv_branches: int = 1, deploy: bool = False,
     ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                         padding_mode, act, deploy)
+        super().__init__(in_channels, out_channels, geometry, act, deploy)
+        kernel_size, stride, groups = self.kernel_size, self.stride, self.groups
         if num_conv_branches < 1:
             raise ValueError(f"MobileOneBlock: num_conv_branches must be at least 1, got {num_conv_branches}")
         self.num_conv_branches = num_conv_branches
         if deploy:
             return
         self.convs = nn.ModuleList(
-            ConvBN(in_channels, out_channels, kernel_size, stride, self.padding, dilation, groups,
-                   padding_mode=padding_mode)
+            ConvBN(in_channels, out_channels, kernel_size, stride, self.padding, self.dilation, groups,
+                   padding_mode=self.padding_mode)
             for _ in range(num_conv_branches)
         )
         if kernel_size > 1:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..reparam.math import fuse_bn, identity_kernel, merge_1x1_kxk, merge_depthwise_pointwise, pad_kernel
+from .geometry import ConvGeometry
 from .merged_conv import MergedConvBlock
 
 BRANCHES = ("origin", "avg", "prior", "1x1_kxk", "1x1", "dws")
@@ -51,22 +52,11 @@ class OREPA(MergedConvBlock):
     any_padding = True
 
     def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int = 3,
-        stride: int = 1,
-        padding: Optional[int] = None,
-        dilation: int = 1,
-        groups: int = 1,
-        padding_mode: str = "zeros",
-        internal_channels: Optional[int] = None,
-        dw_multiplier: int = 8,
-        act: bool = False,
-        deploy: bool = False,
+        self, in_channels: int, out_channels: int, geometry: ConvGeometry = ConvGeometry(), act: bool = False,
+        internal_channels: Optional[int] = None, dw_multiplier: int = 8, deploy: bool = False,
     ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                         padding_mode, act, deploy)
+        super().__init__(in_channels, out_channels, geometry, act, deploy)
+        groups = self.groups
         internal = internal_channels or in_channels
         if internal % groups:
             raise ValueError(f"OREPA: groups={groups} must divide internal_channels={internal}")
@@ -74,7 +64,7 @@ class OREPA(MergedConvBlock):
         self.identity_based = internal == in_channels  # the 1x1 -> KxK branch's 1x1 starts as the identity
         if deploy:
             return
-        k, cg = kernel_size, in_channels // groups
+        k, cg = self.kernel_size, in_channels // groups
 
         def param(*shape: int) -> nn.Parameter:
             weight = nn.Parameter(torch.empty(*shape))

@@ -2,15 +2,42 @@
 
 Module names follow the official v1 code without its prefixes (``btnk_conv1`` → ``conv1``),
 so official checkpoints map by renaming alone. Both blocks keep their input size:
-``(N, in_channels, H, W)`` → ``(N, out_channels, H, W)``.
+``(N, in_channels, H, W)`` → ``(N, out_channels, H, W)``. Both take their RepMLP block's
+settings as one :class:`RepMLPCfg`.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 
 from ..reparam.block import ReparamBlock
 from .convbn import ConvBN
-from .repmlp import DEFAULT_FC3_IMPL, Fc3Impl, Kernels, RepMLP
+from .repmlp import Kernels, RepMLP
+
+
+@dataclass(frozen=True)
+class RepMLPCfg:
+    """The settings of the RepMLP block inside a residual block (see :class:`RepMLP` for each).
+
+    Written in a YAML config as a mapping (``{partition: 7, groups: 8}``).
+    """
+
+    partition: int | tuple[int, int]
+    kernels: Kernels = (1, 3, 5)
+    groups: int = 1
+    fc1_reduction: int = 1
+    pad_input: bool = False
+
+    def build(self, channels: int, input_size: int | tuple[int, int], deploy: bool) -> RepMLP:
+        """A ``channels`` → ``channels`` RepMLP block for ``(N, channels, *input_size)`` maps."""
+        return RepMLP(channels, channels, input_size, self.partition, kernels=self.kernels, groups=self.groups,
+                      fc1_reduction=self.fc1_reduction, pad_input=self.pad_input, deploy=deploy)
+
+
+def _check_cfg(block: str, mlp: object) -> None:
+    if not isinstance(mlp, RepMLPCfg):
+        raise TypeError(f"{block}: mlp must be a RepMLPCfg, e.g. RepMLPCfg(partition=7, groups=8), got {mlp!r}")
 
 
 def _shortcut(in_channels: int, out_channels: int, deploy: bool) -> nn.Module:
@@ -22,35 +49,23 @@ def _shortcut(in_channels: int, out_channels: int, deploy: bool) -> nn.Module:
 class RepMLPBottleneck(ReparamBlock):
     """1x1 → 3x3 (reduce by r) → RepMLP → ReLU → 3x3 (expand) → 1x1, plus shortcut, then ReLU.
 
-    The RepMLP block works on ``mid_channels // r`` channels, which keeps its FC small.
+    The RepMLP block (``mlp``, for ``input_size`` maps) works on ``mid_channels // r`` channels,
+    which keeps its FC small; ``dilation`` is that of the two 3x3 convs.
     """
 
     def __init__(
-        self,
-        in_channels: int,
-        mid_channels: int,
-        out_channels: int,
-        input_size: int | tuple[int, int],
-        partition: int | tuple[int, int],
-        r: int = 2,
-        kernels: Kernels = (1, 3, 5),
-        groups: int = 1,
-        fc1_reduction: int = 1,
-        pad_input: bool = False,
-        dilation: int = 1,
-        fc3_impl: Fc3Impl = DEFAULT_FC3_IMPL,
-        deploy: bool = False,
+        self, in_channels: int, mid_channels: int, out_channels: int, input_size: int | tuple[int, int],
+        mlp: RepMLPCfg, r: int = 2, dilation: int = 1, deploy: bool = False,
     ) -> None:
         super().__init__()
+        _check_cfg("RepMLPBottleneck", mlp)
         if mid_channels % r:
             raise ValueError(f"RepMLPBottleneck: r={r} must divide mid_channels={mid_channels}")
         inner = mid_channels // r
         self.deploy = deploy
         self.conv1 = ConvBN(in_channels, mid_channels, 1, act=True, deploy=deploy)
         self.conv2 = ConvBN(mid_channels, inner, 3, dilation=dilation, act=True, deploy=deploy)
-        self.repmlp = RepMLP(
-            inner, inner, input_size, partition, kernels, groups, fc1_reduction, pad_input, fc3_impl, deploy
-        )
+        self.repmlp = mlp.build(inner, input_size, deploy)
         self.conv4 = ConvBN(inner, mid_channels, 3, dilation=dilation, act=True, deploy=deploy)
         self.conv5 = ConvBN(mid_channels, out_channels, 1, act=True, deploy=deploy)  # ReLU after the add
         self.shortcut = _shortcut(in_channels, out_channels, deploy)
@@ -63,29 +78,18 @@ class RepMLPBottleneck(ReparamBlock):
 
 
 class RepMLPLight(ReparamBlock):
-    """1x1 (to ``mid_channels``, the paper uses channels // 8) → RepMLP → ReLU → 1x1, plus shortcut, then ReLU."""
+    """1x1 (to ``mid_channels``, the paper uses channels // 8) → RepMLP (``mlp``, for ``input_size``
+    maps) → ReLU → 1x1, plus shortcut, then ReLU."""
 
     def __init__(
-        self,
-        in_channels: int,
-        mid_channels: int,
-        out_channels: int,
-        input_size: int | tuple[int, int],
-        partition: int | tuple[int, int],
-        kernels: Kernels = (1, 3, 5),
-        groups: int = 1,
-        fc1_reduction: int = 1,
-        pad_input: bool = False,
-        fc3_impl: Fc3Impl = DEFAULT_FC3_IMPL,
-        deploy: bool = False,
+        self, in_channels: int, mid_channels: int, out_channels: int, input_size: int | tuple[int, int],
+        mlp: RepMLPCfg, deploy: bool = False,
     ) -> None:
         super().__init__()
+        _check_cfg("RepMLPLight", mlp)
         self.deploy = deploy
         self.conv1 = ConvBN(in_channels, mid_channels, 1, act=True, deploy=deploy)
-        self.repmlp = RepMLP(
-            mid_channels, mid_channels, input_size, partition, kernels, groups, fc1_reduction, pad_input,
-            fc3_impl, deploy,
-        )
+        self.repmlp = mlp.build(mid_channels, input_size, deploy)
         self.conv3 = ConvBN(mid_channels, out_channels, 1, act=True, deploy=deploy)  # ReLU after the add
         self.shortcut = _shortcut(in_channels, out_channels, deploy)
         self.relu = nn.ReLU(inplace=True)

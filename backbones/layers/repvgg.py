@@ -1,12 +1,11 @@
 """The RepVGG block (Ding et al., CVPR 2021) and its QARepVGG form (Chu et al., 2022): K×K + 1×1 + identity, one K×K conv at deploy."""
 from __future__ import annotations
 
-from typing import Optional
-
 from torch import Tensor, nn
 
 from ..reparam.math import add_branches, fuse_bn, identity_kernel
 from .convbn import ConvBN
+from .geometry import ConvGeometry
 from .merged_conv import MergedConvBlock
 
 
@@ -21,27 +20,17 @@ class RepVGGBlock(MergedConvBlock):
     """
 
     def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int = 3,
-        stride: int = 1,
-        padding: Optional[int] = None,
-        dilation: int = 1,
-        groups: int = 1,
-        padding_mode: str = "zeros",
-        act: bool = True,
-        quant_friendly: bool = False,
-        deploy: bool = False,
+        self, in_channels: int, out_channels: int, geometry: ConvGeometry = ConvGeometry(), act: bool = True,
+        quant_friendly: bool = False, deploy: bool = False,
     ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                         padding_mode, act, deploy)
+        super().__init__(in_channels, out_channels, geometry, act, deploy)
+        stride, groups = self.stride, self.groups
         self.quant_friendly = quant_friendly
         self.has_identity = in_channels == out_channels and stride == 1
         if deploy:
             return
-        self.dense = ConvBN(in_channels, out_channels, kernel_size, stride, self.padding, dilation, groups,
-                            padding_mode=padding_mode)
+        self.dense = ConvBN(in_channels, out_channels, self.kernel_size, stride, self.padding, self.dilation, groups,
+                            padding_mode=self.padding_mode)
         if quant_friendly:
             self.pointwise: nn.Module = nn.Conv2d(in_channels, out_channels, 1, stride, 0, groups=groups, bias=False)
             self.post_bn = nn.BatchNorm2d(out_channels)

@@ -19,7 +19,7 @@ from ..reparam.block import ReparamBlock, assign_parameter
 from ..reparam.math import fuse_bn, fuse_bn_before_linear
 from .helpers import FACE_MEAN, FACE_STD, check_embedding_only
 from .registry import ModelCfg, register_model
-from .resnet import ResNet
+from .resnet import ResNet, resnet_stages
 
 __all__ = ["FaceEmbeddingHead", "FaceResNet", "faceresnet", "repmlp_faceres", "faceresnet_tiny", "repmlp_faceres_tiny"]
 
@@ -64,7 +64,7 @@ class FaceResNet(ReparamBlock):
     """``(N, in_chans, H, W)`` aligned faces → ``(N, embedding_size)`` embeddings (not normalized).
 
     The trunk is :class:`backbones.models.resnet.ResNet` (7x7 stem and max-pool, c2..c5) with
-    ``bottleneck_ratio=1``; see it for the RepMLP arguments.
+    ``bottleneck_ratio=1``; see :func:`backbones.models.resnet.resnet_stages` for the RepMLP arguments.
 
     Args:
         layers, widths, stem_width: stage depths and widths.
@@ -99,11 +99,9 @@ class FaceResNet(ReparamBlock):
         super().__init__()
         check_embedding_only("FaceResNet", num_classes)
         self.deploy = deploy
-        self.body = ResNet(
-            layers=layers, widths=widths, bottleneck_ratio=1, stem_width=stem_width, num_classes=0,
-            in_chans=in_chans, img_size=img_size, repmlp_stages=repmlp_stages, partition=partition,
-            kernels=kernels, groups=groups, bottleneck_r=bottleneck_r, fc1_reduction=fc1_reduction, deploy=deploy,
-        )
+        stages = resnet_stages(layers, widths, bottleneck_ratio=1, repmlp_stages=repmlp_stages, partition=partition,
+                               kernels=kernels, groups=groups, bottleneck_r=bottleneck_r, fc1_reduction=fc1_reduction)
+        self.body = ResNet(stages, stem_width, num_classes=0, in_chans=in_chans, img_size=img_size, deploy=deploy)
         self.img_size = self.body.img_size
         self.num_features = self.embedding_size = embedding_size
         self.head = FaceEmbeddingHead(widths[-1], self.body.stage_sizes[-1], embedding_size, dropout, deploy)

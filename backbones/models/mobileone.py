@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from ..layers.classifier import PooledClassifier
+from ..layers.geometry import ConvGeometry
 from ..layers.mobileone import MobileOneBlock
 from .registry import ModelCfg, register_model
 
@@ -45,14 +46,15 @@ class MobileOne(PooledClassifier):
         if len(num_blocks) != 4 or len(widths) != 4:
             raise ValueError(f"MobileOne: num_blocks and widths need one value per stage, got {num_blocks}, {widths}")
         super().__init__(widths[-1], num_classes, img_size, deploy)
-        self.stem = MobileOneBlock(in_chans, stem_width, 3, 2, deploy=deploy)
+        self.stem = MobileOneBlock(in_chans, stem_width, ConvGeometry(3, stride=2), deploy=deploy)
         in_channels = stem_width
         for i, (n, width) in enumerate(zip(num_blocks, widths)):
             blocks = []
             for j in range(n):
-                blocks.append(MobileOneBlock(in_channels, in_channels, 3, 2 if j == 0 else 1, groups=in_channels,
+                depthwise = ConvGeometry(3, stride=2 if j == 0 else 1, groups=in_channels)
+                blocks.append(MobileOneBlock(in_channels, in_channels, depthwise,
                                              num_conv_branches=num_conv_branches, deploy=deploy))
-                blocks.append(MobileOneBlock(in_channels, width, 1, num_conv_branches=num_conv_branches,
+                blocks.append(MobileOneBlock(in_channels, width, ConvGeometry(1), num_conv_branches=num_conv_branches,
                                              deploy=deploy))
                 in_channels = width
             self.add_module(f"stage{i + 1}", nn.Sequential(*blocks))

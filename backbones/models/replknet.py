@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ..layers.classifier import PooledClassifier
 from ..layers.convbn import ConvBN
 from ..layers.drop_path import DropPath
+from ..layers.geometry import ConvGeometry
 from ..layers.large_kernel import ReparamLargeKernelConv
 from ..reparam.block import ReparamBlock, assign_parameter
 from ..reparam.math import bn_scale_shift, fuse_bn_before_linear
@@ -66,8 +67,9 @@ class RepLKBlock(PreBNResidual):
                  drop_path: float = 0.0, deploy: bool = False) -> None:
         super().__init__(channels, drop_path, deploy)
         self.pw1 = ConvBN(channels, dw_channels, 1, act=True, deploy=deploy)
-        self.large_kernel = ReparamLargeKernelConv(dw_channels, dw_channels, kernel_size, groups=dw_channels,
-                                                   small_kernel=small_kernel, act=True, deploy=deploy)
+        self.large_kernel = ReparamLargeKernelConv(dw_channels, dw_channels,
+                                                   ConvGeometry(kernel_size, groups=dw_channels), act=True,
+                                                   small_kernel=small_kernel, deploy=deploy)
         self.pw2 = ConvBN(dw_channels, channels, 1, deploy=deploy)
 
     def body(self, x: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from ..layers.classifier import PooledClassifier
+from ..layers.geometry import ConvGeometry
 from ..layers.repvgg import RepVGGBlock
 from .registry import ModelCfg, register_model
 
@@ -45,12 +46,13 @@ class RepVGG(PooledClassifier):
         if len(num_blocks) != 4 or len(widths) != 4:
             raise ValueError(f"RepVGG: num_blocks and widths need one value per stage, got {num_blocks}, {widths}")
         super().__init__(widths[-1], num_classes, img_size, deploy)
-        self.stem = RepVGGBlock(in_chans, stem_width, 3, 2, quant_friendly=quant_friendly, deploy=deploy)
+        self.stem = RepVGGBlock(in_chans, stem_width, ConvGeometry(3, stride=2), quant_friendly=quant_friendly,
+                                deploy=deploy)
         in_channels = stem_width
         for i, (n, width) in enumerate(zip(num_blocks, widths)):
             blocks = []
             for j in range(n):
-                blocks.append(RepVGGBlock(in_channels, width, 3, 2 if j == 0 else 1,
+                blocks.append(RepVGGBlock(in_channels, width, ConvGeometry(3, stride=2 if j == 0 else 1),
                                           quant_friendly=quant_friendly, deploy=deploy))
                 in_channels = width
             self.add_module(f"stage{i + 1}", nn.Sequential(*blocks))

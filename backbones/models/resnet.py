@@ -4,24 +4,29 @@ One class covers both: the baseline ResNet-50 is a ResNet without RepMLP stages.
 numbered as in the paper, c2..c5 (``layer1..layer4``). In each RepMLP stage every block but
 the first (which changes resolution or width) is a RepMLP Bottleneck or Light block.
 
+A network is a list of four :class:`StageCfg` plus the stem and head arguments of :class:`ResNet`.
 Every factory takes ``num_classes`` (0: headless, ``forward`` returns pooled features) and
-``deploy`` (build the converted structure directly), and any constructor argument as an override.
+``deploy`` (build the converted structure directly), and as overrides any argument of
+:class:`ResNet` but ``stages`` and any per-stage list of :func:`resnet_stages`.
 """
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import replace
-from typing import Any, Literal
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal, Optional
 
 from torch import Tensor, nn
 
 from ..layers.classifier import PooledClassifier
 from ..layers.conv_types import ConvType, make_conv
 from ..layers.convbn import ConvBN
-from ..layers.dbb import BNAndPad
+from ..layers.geometry import ConvGeometry
 from ..layers.helpers import to_pair
+from ..layers.init import zero_init_output_norms
 from ..layers.repmlp import Kernels, RepMLP
-from ..layers.repmlp_blocks import RepMLPBottleneck, RepMLPLight
+from ..layers.repmlp_blocks import RepMLPBottleneck, RepMLPCfg, RepMLPLight
 from ..reparam.block import ReparamBlock
 from .registry import ModelCfg, register_model
 
@@ -29,18 +34,17 @@ Size = tuple[int, int]
 
 
 
-def _check_partition_fits(img_size: Size, stage_sizes: list[Size], strides: tuple[int, ...],
-                          has_repmlp: list[bool], partition: Size) -> None:
+def _check_partition_fits(img_size: Size, stage_sizes: list[Size], stages: Sequence[StageCfg]) -> None:
     """The error a RepMLP block would raise for its feature map, told in terms of ``img_size``."""
+    checked = [(i, stage.repmlp) for i, stage in enumerate(stages) if stage.has_repmlp and not stage.repmlp.pad_input]
     # an img_size that is a multiple of partition x (total stride) fits every RepMLP stage
     multiple = [1, 1]
-    for i, repmlp in enumerate(has_repmlp):
-        if repmlp:
-            total_stride = 4 * math.prod(strides[:i + 1])
-            multiple = [math.lcm(m, p * total_stride) for m, p in zip(multiple, partition)]
-    for i, repmlp in enumerate(has_repmlp):
-        size = stage_sizes[i]
-        if repmlp and (size[0] % partition[0] or size[1] % partition[1]):
+    for i, mlp in checked:
+        total_stride = 4 * math.prod(stage.stride for stage in stages[:i + 1])
+        multiple = [math.lcm(m, p * total_stride) for m, p in zip(multiple, to_pair(mlp.partition))]
+    for i, mlp in checked:
+        size, partition = stage_sizes[i], to_pair(mlp.partition)
+        if size[0] % partition[0] or size[1] % partition[1]:
             raise ValueError(
                 f"ResNet: img_size {img_size[0]}x{img_size[1]} gives a {size[0]}x{size[1]} feature map in RepMLP "
                 f"stage c{i + 2}, which is not a multiple of the partition {partition[0]}x{partition[1]}; use an "
@@ -74,7 +78,8 @@ class Bottleneck(ReparamBlock):
         super().__init__()
         self.deploy = deploy
         self.conv1 = ConvBN(in_channels, mid_channels, 1, act=True, deploy=deploy)
-        self.conv2 = make_conv(conv_type, mid_channels, mid_channels, 3, stride, dilation, act=True, deploy=deploy)
+        self.conv2 = make_conv(conv_type, mid_channels, mid_channels, ConvGeometry(3, stride, dilation=dilation),
+                               act=True, deploy=deploy)
         self.conv3 = ConvBN(mid_channels, out_channels, 1, act=True, deploy=deploy)  # ReLU after the add
         self.shortcut = _shortcut(in_channels, out_channels, stride, deploy)
 
@@ -99,40 +104,84 @@ class BasicBlock(ReparamBlock):
     ) -> None:
         super().__init__()
         self.deploy = deploy
-        self.conv1 = make_conv(conv_type, in_channels, out_channels, 3, stride, dilation, act=True, deploy=deploy)
-        self.conv2 = make_conv(conv_type, out_channels, out_channels, 3, 1, dilation, act=True, deploy=deploy)
+        self.conv1 = make_conv(conv_type, in_channels, out_channels, ConvGeometry(3, stride, dilation=dilation),
+                               act=True, deploy=deploy)
+        self.conv2 = make_conv(conv_type, out_channels, out_channels, ConvGeometry(3, dilation=dilation),
+                               act=True, deploy=deploy)
         self.shortcut = _shortcut(in_channels, out_channels, stride, deploy)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv2(self.conv1(x), residual=self.shortcut(x))  # ReLU after the add
 
 
+@dataclass(frozen=True)
+class StageCfg:
+    """One stage (c2..c5) of a :class:`ResNet`: ``depth`` blocks with ``width`` output channels.
+
+    The first block changes resolution (``stride``) or width and, in a dilated stage, uses half
+    the ``dilation``. ``block``: ``"bottleneck"`` (1x1 → 3x3 → 1x1, the 3x3 ``width //
+    bottleneck_ratio`` wide) or ``"basic"`` (two 3x3 convs); ``conv_type`` names the 3x3 convs
+    (:mod:`backbones.layers.conv_types`). With ``repmlp`` set, every block but the first is a
+    RepMLP ``repmlp_block`` (``"bottleneck"``, its RepMLP block ``repmlp_r`` times narrower than
+    its 3x3 convs, or ``"light"``, ``width // 8`` wide).
+    """
+
+    depth: int
+    width: int
+    stride: int = 1
+    dilation: int = 1
+    block: Literal["bottleneck", "basic"] = "bottleneck"
+    conv_type: ConvType = "conv"
+    bottleneck_ratio: int = 4
+    repmlp: Optional[RepMLPCfg] = None
+    repmlp_block: Literal["bottleneck", "light"] = "bottleneck"
+    repmlp_r: int = 1
+
+    def __post_init__(self) -> None:
+        if self.block not in ("bottleneck", "basic"):
+            raise ValueError(f"ResNet: block must be 'bottleneck' or 'basic', got {self.block!r}")
+        if self.repmlp_block not in ("bottleneck", "light"):
+            raise ValueError(f"ResNet: repmlp_block must be 'bottleneck' or 'light', got {self.repmlp_block!r}")
+        if self.block == "bottleneck" and (self.bottleneck_ratio < 1 or self.width % self.bottleneck_ratio):
+            raise ValueError(f"ResNet: bottleneck_ratio={self.bottleneck_ratio} must divide the stage width "
+                             f"{self.width}")
+        if self.block == "basic" and self.repmlp is not None:
+            raise ValueError("ResNet: RepMLP stages are built from bottlenecks; use block='bottleneck'")
+
+    @property
+    def has_repmlp(self) -> bool:
+        return self.repmlp is not None and self.depth > 1
+
+    def build(self, in_channels: int, size: Size, deploy: bool) -> nn.Sequential:
+        """The stage's blocks: ``(N, in_channels, H, W)`` → ``(N, width, *size)``."""
+        blocks: list[nn.Module] = []
+        mid = self.width // self.bottleneck_ratio
+        for j in range(self.depth):
+            stride, dilation = (self.stride, max(self.dilation // 2, 1)) if j == 0 else (1, self.dilation)
+            if self.block == "basic":
+                blocks.append(BasicBlock(in_channels, self.width, stride, dilation, deploy, self.conv_type))
+            elif j == 0 or self.repmlp is None:
+                blocks.append(Bottleneck(in_channels, mid, self.width, stride, dilation, deploy, self.conv_type))
+            elif self.repmlp_block == "bottleneck":
+                blocks.append(RepMLPBottleneck(in_channels, mid, self.width, size, self.repmlp, r=self.repmlp_r,
+                                               dilation=self.dilation, deploy=deploy))
+            else:
+                blocks.append(RepMLPLight(in_channels, self.width // 8, self.width, size, self.repmlp, deploy=deploy))
+            in_channels = self.width
+        return nn.Sequential(*blocks)
+
+
 class ResNet(PooledClassifier):
     """ResNet / RepMLP-ResNet: ``(N, in_chans, H, W)`` → logits ``(N, num_classes)``.
 
-    Per-stage tuples have one entry for each of c2, c3, c4, c5.
-
     Args:
-        layers: blocks per stage.
-        widths: output channels per stage.
-        block: ``"bottleneck"`` (ResNet-50) or ``"basic"`` (two 3x3 convs, ResNet-18).
-        conv_type: the 3x3 convs: ``"conv"`` (ConvBN), ``"acb"``, ``"dbb"`` or ``"orepa"``.
-        bottleneck_ratio: the 3x3 width of a bottleneck is ``widths[i] // bottleneck_ratio``
-            (4 in ResNet; 1 in FaceResNet, which has no 1x1 reduction).
+        stages: the four stages c2..c5 (``layer1..layer4``), see :class:`StageCfg`; the registered
+            factories build them from per-stage lists (:func:`resnet_stages`).
         stem_width: channels after the stem.
         deep_stem: three 3x3 convs instead of one 7x7 (ResNet-V1c, used by mmseg's PSPNet).
-        strides, dilations: per stage; a dilated stage's first block uses half its dilation.
         num_classes: classifier outputs; 0 builds a headless backbone.
         in_chans: input channels.
         img_size: input size the RepMLP blocks are built for (the training crop).
-        repmlp_stages: stage numbers (2..5) whose blocks after the first are RepMLP blocks.
-        repmlp_block: ``"bottleneck"`` or ``"light"``.
-        partition: RepMLP partition ``(h, w)``.
-        kernels: Local Perceptron kernel sizes, k or (kh, kw).
-        groups: RepMLP fc3/conv groups per stage (the paper's "g8/16" is ``(1, 8, 16, 1)``).
-        bottleneck_r: channel reduction around the RepMLP block per stage (bottleneck only).
-        fc1_reduction: Global Perceptron hidden-width reduction per stage.
-        pad_input: let RepMLP blocks pad feature maps that are not multiples of the partition.
         zero_init_last: zero the last BN(s) of each residual block (a common recipe tweak); for
             a re-parameterized last conv, the output BN of each of its branches.
         deploy: build the converted structure.
@@ -140,48 +189,19 @@ class ResNet(PooledClassifier):
 
     def __init__(
         self,
-        layers: tuple[int, int, int, int] = (3, 4, 6, 3),
-        widths: tuple[int, int, int, int] = (256, 512, 1024, 2048),
-        block: Literal["bottleneck", "basic"] = "bottleneck",
-        conv_type: ConvType = "conv",
-        bottleneck_ratio: int = 4,
+        stages: Sequence[StageCfg],
         stem_width: int = 64,
         deep_stem: bool = False,
-        strides: tuple[int, int, int, int] = (1, 2, 2, 2),
-        dilations: tuple[int, int, int, int] = (1, 1, 1, 1),
         num_classes: int = 1000,
         in_chans: int = 3,
         img_size: int | tuple[int, int] = 224,
-        repmlp_stages: tuple[int, ...] = (),
-        repmlp_block: Literal["bottleneck", "light"] = "bottleneck",
-        partition: int | tuple[int, int] = 7,
-        kernels: Kernels = (1, 3, 5),
-        groups: tuple[int, int, int, int] = (1, 1, 1, 1),
-        bottleneck_r: tuple[int, int, int, int] = (1, 1, 1, 1),
-        fc1_reduction: tuple[int, int, int, int] = (1, 1, 1, 1),
-        pad_input: bool = False,
         zero_init_last: bool = False,
         deploy: bool = False,
     ) -> None:
-        for name, value in (("layers", layers), ("widths", widths), ("strides", strides),
-                            ("dilations", dilations), ("groups", groups), ("bottleneck_r", bottleneck_r),
-                            ("fc1_reduction", fc1_reduction)):
-            if len(value) != 4:
-                raise ValueError(f"ResNet: {name} needs one value per stage c2..c5, got {tuple(value)}")
-        bad = [s for s in repmlp_stages if s not in (2, 3, 4, 5)]
-        if bad:
-            raise ValueError(f"ResNet: repmlp_stages must be stage numbers 2..5 (c2..c5), got {tuple(repmlp_stages)}")
-        if repmlp_block not in ("bottleneck", "light"):
-            raise ValueError(f"ResNet: repmlp_block must be 'bottleneck' or 'light', got {repmlp_block!r}")
-        if block == "bottleneck" and (bottleneck_ratio < 1 or any(w % bottleneck_ratio for w in widths)):
-            raise ValueError(f"ResNet: bottleneck_ratio={bottleneck_ratio} must divide every width {tuple(widths)}")
-        if block not in ("bottleneck", "basic"):
-            raise ValueError(f"ResNet: block must be 'bottleneck' or 'basic', got {block!r}")
-        if block == "basic" and repmlp_stages:
-            raise ValueError("ResNet: RepMLP stages are built from bottlenecks; use block='bottleneck'")
-        super().__init__(widths[-1], num_classes, img_size, deploy)
-        self.widths = tuple(widths)
-
+        if len(stages) != 4:
+            raise ValueError(f"ResNet: stages needs one StageCfg per stage c2..c5, got {len(stages)}")
+        super().__init__(stages[-1].width, num_classes, img_size, deploy)
+        self.widths = tuple(stage.width for stage in stages)
         if deep_stem:
             half = stem_width // 2
             self.stem = nn.Sequential(
@@ -195,42 +215,15 @@ class ResNet(PooledClassifier):
 
         size = tuple(math.ceil(s / 4) for s in self.img_size)  # stem and maxpool halve twice (ceil)
         self.stage_sizes: list[Size] = []
-        for stride in strides:
-            size = tuple(math.ceil(s / stride) for s in size)
+        for stage in stages:
+            size = tuple(math.ceil(s / stage.stride) for s in size)
             self.stage_sizes.append(size)
-
-        def is_repmlp(i: int, j: int) -> bool:  # block j of stage c{i+2}; the first block stays a bottleneck
-            return j > 0 and i + 2 in repmlp_stages
-
-        if not pad_input:
-            _check_partition_fits(self.img_size, self.stage_sizes, strides,
-                                  [any(is_repmlp(i, j) for j in range(layers[i])) for i in range(4)],
-                                  to_pair(partition))
+        _check_partition_fits(self.img_size, self.stage_sizes, stages)
 
         in_channels = stem_width
-        for i in range(4):
-            size = self.stage_sizes[i]
-            dilation = dilations[i]
-            blocks: list[nn.Module] = []
-            mid = widths[i] // bottleneck_ratio
-            for j in range(layers[i]):
-                # the first block changes resolution or width; in a dilated stage it uses half the dilation
-                stride, dil = (strides[i], max(dilation // 2, 1)) if j == 0 else (1, dilation)
-                if block == "basic":
-                    blocks.append(BasicBlock(in_channels, widths[i], stride, dil, deploy, conv_type))
-                elif not is_repmlp(i, j):
-                    blocks.append(Bottleneck(in_channels, mid, widths[i], stride, dil, deploy, conv_type))
-                elif repmlp_block == "bottleneck":
-                    blocks.append(RepMLPBottleneck(
-                        in_channels, mid, widths[i], size, partition, bottleneck_r[i], kernels,
-                        groups[i], fc1_reduction[i], pad_input, dilation, deploy=deploy))
-                else:
-                    blocks.append(RepMLPLight(
-                        in_channels, widths[i] // 8, widths[i], size, partition, kernels, groups[i],
-                        fc1_reduction[i], pad_input, deploy=deploy))
-                in_channels = widths[i]
-            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-
+        for i, (stage, size) in enumerate(zip(stages, self.stage_sizes)):
+            self.add_module(f"layer{i + 1}", stage.build(in_channels, size, deploy))
+            in_channels = stage.width
         self.has_repmlp = any(isinstance(m, RepMLP) for m in self.modules())
         self.add_classifier()
         self._init_weights(zero_init_last)
@@ -243,12 +236,8 @@ class ResNet(PooledClassifier):
             for m in self.modules():
                 last = {Bottleneck: "conv3", BasicBlock: "conv2", RepMLPBottleneck: "conv5",
                         RepMLPLight: "conv3"}.get(type(m))
-                if last is not None:  # each branch's output BN, not the BN of DBB's BN-and-pad inside a branch
-                    conv = getattr(m, last)
-                    inner = {id(p.bn) for p in conv.modules() if isinstance(p, BNAndPad)}
-                    for bn in conv.modules():
-                        if isinstance(bn, nn.BatchNorm2d) and id(bn) not in inner:
-                            nn.init.zeros_(bn.weight)
+                if last is not None:
+                    zero_init_output_norms(getattr(m, last))
 
     @property
     def stages(self) -> list[nn.Sequential]:
@@ -295,8 +284,63 @@ _REPMLP_TINY_D8_CFG = replace(_TINY_D8_CFG, fixed_size=True)
 
 
 # ------------------------------------------------------------------------------- factories
+def resnet_stages(
+    layers: tuple[int, int, int, int],
+    widths: tuple[int, int, int, int] = (256, 512, 1024, 2048),
+    block: Literal["bottleneck", "basic"] = "bottleneck",
+    conv_type: ConvType = "conv",
+    bottleneck_ratio: int = 4,
+    strides: tuple[int, int, int, int] = (1, 2, 2, 2),
+    dilations: tuple[int, int, int, int] = (1, 1, 1, 1),
+    repmlp_stages: tuple[int, ...] = (),
+    repmlp_block: Literal["bottleneck", "light"] = "bottleneck",
+    partition: int | tuple[int, int] = 7,
+    kernels: Kernels = (1, 3, 5),
+    groups: tuple[int, int, int, int] = (1, 1, 1, 1),
+    bottleneck_r: tuple[int, int, int, int] = (1, 1, 1, 1),
+    fc1_reduction: tuple[int, int, int, int] = (1, 1, 1, 1),
+    pad_input: bool = False,
+) -> list[StageCfg]:
+    """The four :class:`StageCfg` of a ResNet from per-stage tuples (one entry for each of c2..c5),
+    the arguments every ResNet factory accepts as overrides.
+
+    ``repmlp_stages``: stage numbers (2..5) whose blocks after the first are RepMLP blocks, all with
+    one ``partition``, ``kernels`` and ``pad_input`` and the stage's ``groups`` (the paper's "g8/16"
+    is ``(1, 8, 16, 1)``), ``bottleneck_r`` and ``fc1_reduction``; see :class:`StageCfg`.
+    """
+    per_stage = dict(layers=layers, widths=widths, strides=strides, dilations=dilations, groups=groups,
+                     bottleneck_r=bottleneck_r, fc1_reduction=fc1_reduction)
+    for name, value in per_stage.items():
+        if len(value) != 4:
+            raise ValueError(f"ResNet: {name} needs one value per stage c2..c5, got {tuple(value)}")
+    if any(s not in (2, 3, 4, 5) for s in repmlp_stages):
+        raise ValueError(f"ResNet: repmlp_stages must be stage numbers 2..5 (c2..c5), got {tuple(repmlp_stages)}")
+    return [
+        StageCfg(
+            layers[i], widths[i], strides[i], dilations[i], block=block, conv_type=conv_type,
+            bottleneck_ratio=bottleneck_ratio,
+            repmlp=RepMLPCfg(partition, kernels, groups[i], fc1_reduction[i], pad_input) if i + 2 in repmlp_stages
+            else None,
+            repmlp_block=repmlp_block, repmlp_r=bottleneck_r[i],
+        )
+        for i in range(4)
+    ]
+
+
+_NETWORK_ARGS = ("stem_width", "deep_stem", "num_classes", "in_chans", "img_size", "zero_init_last", "deploy")
+
+
 def _resnet(defaults: dict[str, Any], overrides: dict[str, Any]) -> ResNet:
-    return ResNet(**{**defaults, **overrides})
+    """A ResNet from a factory's ``defaults`` and the user's ``overrides``: the network's own
+    arguments go to :class:`ResNet`, the rest to :func:`resnet_stages`."""
+    kwargs = {**defaults, **overrides}
+    network = {name: kwargs.pop(name) for name in _NETWORK_ARGS if name in kwargs}
+    per_stage = inspect.signature(resnet_stages).parameters
+    unknown = sorted(set(kwargs) - set(per_stage))
+    if unknown:
+        raise TypeError(f"ResNet: unknown argument(s) {', '.join(unknown)}; a ResNet factory takes "
+                        f"{', '.join([*per_stage, *_NETWORK_ARGS])}")
+    return ResNet(resnet_stages(**kwargs), **network)
 
 
 _R50 = dict(layers=(3, 4, 6, 3))

@@ -2,8 +2,9 @@
 
 - ``deploy: bool`` constructor flag; a block built with ``deploy=True`` has exactly the
   state-dict keys and shapes of a converted block, so deploy checkpoints load strictly.
-- ``switch_to_deploy()`` converts in place and is idempotent (MMPretrain convention);
-  ``reparameterize()`` (timm, MobileOne) and ``local_inject()`` (RepMLPNet) are aliases.
+- ``switch_to_deploy()`` converts in place, the block and everything it contains, and is
+  idempotent (MMPretrain's name); ``reparameterize()`` is an alias only because timm's walker
+  (``timm.utils.model.reparameterize_model``) calls that name.
 - Pure, differentiable getters of the equivalent weights (``get_equivalent_*``) that the
   conversion itself uses, so QAT and regularizers see exactly the deployed weights.
 """
@@ -29,7 +30,7 @@ class ReparamBlock(nn.Module):
         convert_children(self)
 
     def switch_to_deploy(self) -> None:
-        """Convert this block in place; a second call does nothing."""
+        """Convert this block and every block inside it in place; a second call does nothing."""
         if self.deploy:
             return
         with torch.no_grad():
@@ -37,11 +38,7 @@ class ReparamBlock(nn.Module):
         self.deploy = True
 
     def reparameterize(self) -> None:
-        """Alias of :meth:`switch_to_deploy` for timm-style walkers."""
-        self.switch_to_deploy()
-
-    def local_inject(self) -> None:
-        """Alias of :meth:`switch_to_deploy` (the RepMLPNet name)."""
+        """Alias of :meth:`switch_to_deploy`: the name timm's walker calls."""
         self.switch_to_deploy()
 
     def extra_repr(self) -> str:

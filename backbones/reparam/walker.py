@@ -1,14 +1,13 @@
 """The model-level walker: convert every re-parameterizable block of a model, and measure the error.
 
-Blocks convert themselves (``switch_to_deploy``, :mod:`backbones.reparam.block`); the walker finds
-them under any known convention and calls each once.
+Blocks convert themselves and what they contain (``switch_to_deploy``,
+:mod:`backbones.reparam.block`); the walker finds the outermost ones under any known convention
+and calls each once.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional
 
 import torch
@@ -40,15 +39,17 @@ def _sync_bn_names(model: nn.Module) -> list[str]:
 def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Convert every re-parameterizable block of ``model`` to its deploy form.
 
-    Puts the model in eval mode (BN folding uses running statistics), walks top-down from the
-    root and calls each block's conversion once; children are visited after their parent
-    converted, so nested blocks are not missed. A block may also be converted by its parent
-    (this project's composite blocks, or a third-party root such as MMPretrain's RepMLPNet,
-    whose ``switch_to_deploy`` calls its blocks' ``local_inject``): while the walk runs, each
-    module's conversion methods run at most once, whoever calls them, because third-party ones
-    are often not idempotent. Deep-copies the model unless ``inplace``. Raises if the model
-    contains SyncBatchNorm, which must be reverted first (Lightning does so at the end of fit;
-    ``nn.SyncBatchNorm`` is not a ``BatchNorm2d``).
+    Puts the model in eval mode (BN folding uses running statistics) and walks top-down from the
+    root. The rule: a module that offers a conversion method (:data:`REPARAM_METHODS`) converts its
+    whole subtree, so the walker calls that method once and does not descend into the module; it
+    descends only into modules that offer none. This project's blocks satisfy the rule (a
+    composite block's ``switch_to_deploy`` converts its children), and so do the third-party
+    conventions it meets: MMPretrain's RepMLPNet root, whose ``switch_to_deploy`` calls its blocks'
+    ``local_inject``, and the leaf blocks of timm (``reparameterize``) and RepLKNet
+    (``merge_kernel``). Third-party methods are often not idempotent; under this rule none is
+    called twice, and the walker keeps no state on the modules. Deep-copies the model unless
+    ``inplace``. Raises if the model contains SyncBatchNorm, which must be reverted first
+    (Lightning does so at the end of fit; ``nn.SyncBatchNorm`` is not a ``BatchNorm2d``).
     """
     sync = _sync_bn_names(model)
     if sync:
@@ -60,60 +61,22 @@ def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
-    with torch.no_grad(), _each_conversion_once(model):
+    with torch.no_grad():
         _convert_tree(model)
     return model
 
 
-class _RunOnce:
-    """One module's conversion state during a walk: its methods (all aliases) run once."""
-
-    def __init__(self) -> None:
-        self.running = self.done = False
-
-    def guard(self, method: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(method)
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            if self.done:
-                return None
-            if self.running:  # an alias calling another (reparameterize -> switch_to_deploy)
-                return method(*args, **kwargs)
-            self.running = True
-            try:
-                return method(*args, **kwargs)
-            finally:
-                self.running, self.done = False, True
-
-        return guarded
-
-
-@contextlib.contextmanager
-def _each_conversion_once(model: nn.Module) -> Iterator[None]:
-    """Shadow every conversion method in ``model`` by a run-once guard (an instance attribute,
-    removed on exit, so nothing of it outlives the walk)."""
-    guarded: list[tuple[nn.Module, str]] = []
-    for module in model.modules():
-        names = [name for name in REPARAM_METHODS if callable(getattr(module, name, None))]
-        state = _RunOnce()
-        for name in names:
-            module.__dict__[name] = state.guard(getattr(module, name))
-            guarded.append((module, name))
-    try:
-        yield
-    finally:
-        for module, name in guarded:
-            module.__dict__.pop(name, None)
-
-
 def _convert_tree(module: nn.Module) -> None:
     method = find_reparam_method(module)
-    if method is not None:
-        method()
-    convert_children(module)
+    if method is None:
+        convert_children(module)
+    else:
+        method()  # converts the module's subtree (the walker's rule)
 
 
 def convert_children(module: nn.Module) -> None:
-    """Convert every re-parameterizable descendant of ``module`` (not ``module`` itself), top-down.
+    """Convert every re-parameterizable descendant of ``module`` (not ``module`` itself), top-down,
+    by the rule of :func:`reparameterize_model`.
 
     Used by composite blocks, whose own conversion is the conversion of what they contain.
     The mode (train/eval) is left as it is.

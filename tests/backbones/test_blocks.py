@@ -18,6 +18,7 @@ from backbones import (
     model_relative_error,
     reparameterize_model,
 )
+from backbones.layers.repmlp_blocks import RepMLPCfg
 from backbones.reparam.walker import find_reparam_method
 
 CONVBN = [
@@ -70,11 +71,11 @@ def test_convbn_groups_error():
 
 
 COMPOSITES = {
-    "bottleneck_c_ne_o": lambda deploy: RepMLPBottleneck(16, 16, 32, (8, 8), 4, r=2, kernels=(1, 3), groups=2, deploy=deploy),
-    "bottleneck_same": lambda deploy: RepMLPBottleneck(32, 8, 32, (10, 6), (5, 3), r=1, kernels=(1, 3), groups=4, fc1_reduction=2, deploy=deploy),
-    "bottleneck_dilated_pad": lambda deploy: RepMLPBottleneck(16, 8, 16, (9, 9), 4, r=2, kernels=(1, 3), pad_input=True, dilation=2, deploy=deploy),
-    "light": lambda deploy: RepMLPLight(32, 4, 32, (8, 8), 4, kernels=(1, 3), groups=2, deploy=deploy),
-    "light_c_ne_o": lambda deploy: RepMLPLight(16, 8, 32, (6, 6), 6, kernels=(1, 3, 5), groups=4, deploy=deploy),
+    "bottleneck_c_ne_o": lambda deploy: RepMLPBottleneck(16, 16, 32, (8, 8), RepMLPCfg(4, kernels=(1, 3), groups=2), r=2, deploy=deploy),
+    "bottleneck_same": lambda deploy: RepMLPBottleneck(32, 8, 32, (10, 6), RepMLPCfg((5, 3), kernels=(1, 3), groups=4, fc1_reduction=2), r=1, deploy=deploy),
+    "bottleneck_dilated_pad": lambda deploy: RepMLPBottleneck(16, 8, 16, (9, 9), RepMLPCfg(4, kernels=(1, 3), pad_input=True), r=2, dilation=2, deploy=deploy),
+    "light": lambda deploy: RepMLPLight(32, 4, 32, (8, 8), RepMLPCfg(4, kernels=(1, 3), groups=2), deploy=deploy),
+    "light_c_ne_o": lambda deploy: RepMLPLight(16, 8, 32, (6, 6), RepMLPCfg(6, kernels=(1, 3, 5), groups=4), deploy=deploy),
     "resnet_bottleneck_stride2": lambda deploy: Bottleneck(16, 8, 32, stride=2, deploy=deploy),
     "resnet_bottleneck_dilated": lambda deploy: Bottleneck(32, 8, 32, dilation=2, deploy=deploy),
 }
@@ -101,7 +102,18 @@ def test_composite_blocks(name):
 
 def test_bottleneck_r_must_divide():
     with pytest.raises(ValueError, match="r=3 must divide mid_channels=16"):
-        RepMLPBottleneck(16, 16, 16, 8, 4, r=3)
+        RepMLPBottleneck(16, 16, 16, 8, RepMLPCfg(4), r=3)
+
+
+def test_repmlp_settings_are_one_value():
+    """The RepMLP settings travel as one RepMLPCfg: a bare partition in its place is refused, and the
+    block inside gets every field."""
+    with pytest.raises(TypeError, match=r"RepMLPLight: mlp must be a RepMLPCfg, e.g. RepMLPCfg\(partition=7, groups=8\), got 4"):
+        RepMLPLight(8, 8, 8, 8, 4)
+    block = RepMLPBottleneck(8, 8, 8, (9, 6), RepMLPCfg((3, 2), kernels=(1,), groups=2, fc1_reduction=3, pad_input=True))
+    mlp = block.repmlp
+    assert (mlp.input_size, mlp.partition, mlp.kernels, mlp.groups, mlp.pad_input) == ((9, 6), (3, 2), (1,), 2, True)
+    assert mlp.fc1.out_features == 4 * 3 * 3 // 3  # C * hp * wp // fc1_reduction, C = 8 // r
 
 
 # ---------------------------------------------------------------- the walker
@@ -184,15 +196,36 @@ class InjectingNet(nn.Module):
 
 
 @pytest.mark.parametrize("wrap", ["bare", "inside_a_reparam_block"])
-def test_walker_runs_each_conversion_once_whoever_calls_it(wrap):
+def test_walker_does_not_descend_into_a_module_it_converted(wrap):
+    """The walker's rule: a module whose conversion method it called converts its own subtree, so
+    the RepMLPNet root's blocks get their non-idempotent ``local_inject`` once (a second raises)."""
     net = InjectingNet()
     model = net if wrap == "bare" else CountingBlock(nn.Sequential(net, ThirdPartyBlock()))
-    reparameterize_model(model, inplace=True)  # a second local_inject or reparameterize would raise
+    by_hand = copy.deepcopy(net)
+    by_hand.switch_to_deploy()
+    reparameterize_model(model, inplace=True)
     assert not any(hasattr(m, "bn") for m in net.blocks.modules())
-    # the guards are gone afterwards: the modules' methods are their classes' again
-    assert all(not set(m.__dict__) & {"switch_to_deploy", "reparameterize", "local_inject"} for m in model.modules())
+    # the walker keeps no state on the modules: their attributes are what the conversion left
+    assert [sorted(vars(m)) for m in net.modules()] == [sorted(vars(m)) for m in by_hand.modules()]
     if wrap != "bare":
         assert model.calls == 1 and model.inner[1].converted == 1
+
+
+def test_walker_calls_only_the_outermost_conversion():
+    """A third-party block nested in one that has its own conversion method is left to that method:
+    timm's leaf convention inside a root that does not convert it stays as it was."""
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = ThirdPartyBlock()
+
+        def switch_to_deploy(self):
+            pass  # converts nothing: the walker must not reach past it
+
+    model = nn.Sequential(Root(), ThirdPartyBlock())
+    reparameterize_model(model, inplace=True)
+    assert model[0].block.converted == 0 and model[1].converted == 1
 
 
 def test_walker_refuses_sync_batchnorm():

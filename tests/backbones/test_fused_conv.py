@@ -18,6 +18,7 @@ from backbones import max_relative_error
 from backbones.complexity import count_macs
 from backbones.deploy.fused_conv import conv_act, fusion, fusion_enabled
 from backbones.layers.convbn import ConvBN
+from backbones.layers.geometry import ConvGeometry
 from backbones.layers.repvgg import RepVGGBlock
 
 needs_onednn = pytest.mark.skipif(not fusion_enabled(), reason="this torch build has no oneDNN fused conv")
@@ -193,7 +194,7 @@ def test_deploy_models_run_fused_kernels_with_the_same_outputs(calls, name, chan
 def test_units_add_the_residual_before_their_activation():
     """``unit(x, residual)`` is ``act(unit_without_act(x) + residual)`` in both forms."""
     torch.manual_seed(1)
-    for unit in (ConvBN(6, 8, 3, 2, act=True), RepVGGBlock(6, 8, 3, 2, act=True)):
+    for unit in (ConvBN(6, 8, 3, 2, act=True), RepVGGBlock(6, 8, ConvGeometry(3, stride=2), act=True)):
         perturb_params(randomize_bn(unit)).eval()
         x = torch.randn(2, 6, 9, 7)
         with torch.no_grad():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -9,8 +10,11 @@ from torch import nn
 
 import backbones
 from backbones import (
-    ReparamBlock, RepMLP, create, list_models, max_relative_error, model_relative_error, reparameterize_model,
+    ReparamBlock, RepMLP, RepMLPCfg, ResNet, StageCfg, create, list_models, max_relative_error,
+    model_relative_error, reparameterize_model,
 )
+from backbones.layers.dbb import BNAndPad
+from backbones.models.resnet import resnet_stages
 from conftest import perturb_params, randomize_bn
 
 ALL = list_models()
@@ -39,6 +43,8 @@ def test_whole_model_equivalence_and_deploy_round_trip(name):
     deploy = reparameterize_model(model)
     assert model_relative_error(model, deploy, x) <= 1e-4
     assert not any(isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) for m in deploy.modules())
+    # the walker calls the root's switch_to_deploy only: every block inside converts through it
+    assert all(m.deploy for m in deploy.modules() if isinstance(m, ReparamBlock))
     built = create(name, deploy=True)
     converted = deploy.state_dict()
     assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in converted.items()}
@@ -244,3 +250,83 @@ def test_every_reparam_block_reports_deploy_after_conversion():
     deploy = reparameterize_model(create("repmlp_res_light_tiny"))
     blocks = [m for m in deploy.modules() if isinstance(m, ReparamBlock)]
     assert blocks and all(m.deploy for m in blocks)
+
+
+# ---------------------------------------------------------------- ResNet stages from configs
+def _tiny_stages(**changes):
+    stages = [StageCfg(1, 32), StageCfg(2, 64, 2), StageCfg(2, 128, 2), StageCfg(1, 256, 2)]
+    return [dataclasses.replace(stage, **changes) for stage in stages]
+
+
+def test_resnet_factories_build_their_stage_configs():
+    """A ResNet built from an explicit StageCfg list is the registered factory's model, weight for weight."""
+    torch.manual_seed(0)
+    listed = ResNet(_tiny_stages(), stem_width=16, num_classes=10, img_size=64)
+    torch.manual_seed(0)
+    registered = create("resnet_tiny")
+    assert listed.state_dict().keys() == registered.state_dict().keys()
+    assert all(torch.equal(v, registered.state_dict()[k]) for k, v in listed.state_dict().items())
+    assert resnet_stages((1, 2, 2, 1), (32, 64, 128, 256)) == _tiny_stages()
+
+
+def test_stage_configs_set_what_per_stage_lists_cannot():
+    """Per-stage RepMLP settings: a Light stage with 4x4 partitions next to a Bottleneck stage with 2x2."""
+    stages = _tiny_stages()
+    stages[1] = dataclasses.replace(stages[1], repmlp=RepMLPCfg(4, kernels=(1, 3)), repmlp_block="light")
+    stages[2] = dataclasses.replace(stages[2], repmlp=RepMLPCfg(2, kernels=(1,), groups=2), repmlp_r=2)
+    model = randomize_bn(ResNet(stages, stem_width=16, num_classes=0, img_size=64)).eval()
+    assert [type(b).__name__ for b in model.layer2] == ["Bottleneck", "RepMLPLight"]
+    assert [type(b).__name__ for b in model.layer3] == ["Bottleneck", "RepMLPBottleneck"]
+    assert (model.layer2[1].repmlp.partition, model.layer3[1].repmlp.partition) == ((4, 4), (2, 2))
+    x = torch.randn(2, 3, 64, 64)
+    assert model_relative_error(model, reparameterize_model(model), x) <= 1e-4
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: StageCfg(2, 64, block="basic", repmlp=RepMLPCfg(4)), "RepMLP stages are built from bottlenecks"),
+    (lambda: StageCfg(2, 66), "bottleneck_ratio=4 must divide the stage width 66"),
+    (lambda: ResNet(_tiny_stages()[:3]), "stages needs one StageCfg per stage c2..c5, got 3"),
+])
+def test_bad_stage_configs_are_named(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_resnet_factory_names_an_unknown_argument():
+    with pytest.raises(TypeError, match=r"ResNet: unknown argument\(s\) stage_depths; a ResNet factory takes layers, "
+                                        r"widths, .*, img_size, zero_init_last, deploy"):
+        create("resnet_tiny", stage_depths=(1, 1, 1, 1))
+
+
+def test_resnet_stages_read_from_yaml():
+    """LightningCLI's parser (jsonargparse) builds a ResNet from a YAML list of stages."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(ResNet, "net", instantiate=True)
+    stages = "[{depth: 1, width: 32}, {depth: 2, width: 64, stride: 2, repmlp: {partition: 4, kernels: [1, 3]}}, " \
+             "{depth: 1, width: 128, stride: 2, conv_type: acb}, {depth: 1, width: 256, stride: 2}]"
+    cfg = parser.parse_string(f"net: {{stages: {stages}, stem_width: 16, img_size: 64, num_classes: 5}}")
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in 4.49
+    model = instantiate(cfg).net
+    assert isinstance(model.layer2[1], backbones.RepMLPBottleneck) and model.layer2[1].repmlp.kernels == (1, 3)
+    assert type(model.layer3[0].conv2).__name__ == "ACBlock"
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+
+
+@pytest.mark.parametrize("name,kwargs", [("resnet_tiny", {}), ("resnet18_tiny", {"conv_type": "dbb"}),
+                                         ("repmlp_res_tiny", {}), ("repmlp_res_light_tiny", {})])
+def test_zero_init_last_starts_each_block_as_its_shortcut(name, kwargs):
+    """Every branch of each block's last conv ends in a zeroed BN (not the BN inside DBB's
+    BN-and-pad, which a conv follows), so each residual block computes relu(shortcut(x))."""
+    model = create(name, zero_init_last=True, **kwargs).eval()
+    blocks = [b for stage in model.stages for b in stage]
+    x = model.maxpool(model.stem(torch.randn(2, 3, *model.img_size)))
+    with torch.no_grad():
+        for block in blocks:
+            out = block(x)
+            assert torch.equal(out, torch.relu(block.shortcut(x)))
+            x = out
+    if kwargs:
+        pads = [m.bn for m in model.modules() if isinstance(m, BNAndPad)]
+        assert pads and all(bool((bn.weight == 1).all()) for bn in pads)

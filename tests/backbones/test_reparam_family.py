@@ -16,6 +16,7 @@ from torch.overrides import TorchFunctionMode
 from backbones import (
     OREPA,
     ACBlock,
+    ConvGeometry,
     DiverseBranchBlock,
     MobileOneBlock,
     ReparamLargeKernelConv,
@@ -27,22 +28,23 @@ from backbones import (
 )
 from backbones.layers.conv_types import make_conv
 
+
+def _geometry(k, s, g, d, mode):
+    return ConvGeometry(k, stride=s, dilation=d, groups=g, padding_mode=mode)
+
+
 BLOCKS = {
-    "acb": lambda c, o, k, s, g, d, mode, deploy: ACBlock(c, o, k, s, dilation=d, groups=g, padding_mode=mode,
-                                                          deploy=deploy),
-    "repvgg": lambda c, o, k, s, g, d, mode, deploy: RepVGGBlock(c, o, k, s, dilation=d, groups=g,
-                                                                 padding_mode=mode, deploy=deploy),
-    "qarepvgg": lambda c, o, k, s, g, d, mode, deploy: RepVGGBlock(c, o, k, s, dilation=d, groups=g, padding_mode=mode,
+    "acb": lambda c, o, k, s, g, d, mode, deploy: ACBlock(c, o, _geometry(k, s, g, d, mode), deploy=deploy),
+    "repvgg": lambda c, o, k, s, g, d, mode, deploy: RepVGGBlock(c, o, _geometry(k, s, g, d, mode), deploy=deploy),
+    "qarepvgg": lambda c, o, k, s, g, d, mode, deploy: RepVGGBlock(c, o, _geometry(k, s, g, d, mode),
                                                                    quant_friendly=True, deploy=deploy),
-    "dbb": lambda c, o, k, s, g, d, mode, deploy: DiverseBranchBlock(c, o, k, s, dilation=d, groups=g,
-                                                                     padding_mode=mode, deploy=deploy),
-    "orepa": lambda c, o, k, s, g, d, mode, deploy: OREPA(c, o, k, s, dilation=d, groups=g, padding_mode=mode,
-                                                          dw_multiplier=2, deploy=deploy),
+    "dbb": lambda c, o, k, s, g, d, mode, deploy: DiverseBranchBlock(c, o, _geometry(k, s, g, d, mode), deploy=deploy),
+    "orepa": lambda c, o, k, s, g, d, mode, deploy: OREPA(c, o, _geometry(k, s, g, d, mode), dw_multiplier=2,
+                                                          deploy=deploy),
     "large_kernel": lambda c, o, k, s, g, d, mode, deploy: ReparamLargeKernelConv(
-        c, o, 2 * k + 1, s, dilation=d, groups=g, small_kernel=k, padding_mode=mode, deploy=deploy),
-    "mobileone": lambda c, o, k, s, g, d, mode, deploy: MobileOneBlock(c, o, k, s, dilation=d, groups=g,
-                                                                       num_conv_branches=3, padding_mode=mode,
-                                                                       deploy=deploy),
+        c, o, _geometry(2 * k + 1, s, g, d, mode), small_kernel=k, deploy=deploy),
+    "mobileone": lambda c, o, k, s, g, d, mode, deploy: MobileOneBlock(c, o, _geometry(k, s, g, d, mode),
+                                                                       num_conv_branches=3, deploy=deploy),
 }
 
 GEOMETRIES = [
@@ -114,7 +116,7 @@ def test_equivalent_kernel_is_differentiable_and_channels_last(kind):
 
 def test_large_kernel_31_with_5():
     """RepLKNet's configuration: a 31x31 depthwise conv with a parallel 5x5, on a map smaller than the kernel."""
-    block = _randomized(ReparamLargeKernelConv(16, 16, 31, groups=16, small_kernel=5))
+    block = _randomized(ReparamLargeKernelConv(16, 16, ConvGeometry(31, groups=16), small_kernel=5))
     x = torch.randn(2, 16, 14, 19)
     deploy = reparameterize_model(block)
     assert deploy.reparam_conv.weight.shape == (16, 1, 31, 31)
@@ -125,7 +127,7 @@ def test_large_depthwise_kernel_runs_channels_last_on_cpu():
     """From 15x15 on, torch's NCHW CPU depthwise conv takes a path 40-50x slower than channels_last:
     the block runs in channels_last whatever its input's layout, with the same values, in both forms
     and for training (gradients reach the input and every branch)."""
-    block = _randomized(ReparamLargeKernelConv(8, 8, 17, groups=8, small_kernel=5))
+    block = _randomized(ReparamLargeKernelConv(8, 8, ConvGeometry(17, groups=8), small_kernel=5))
     x = torch.randn(2, 8, 13, 18, requires_grad=True)
     block.train()
     out = block(x)
@@ -140,17 +142,17 @@ def test_large_depthwise_kernel_runs_channels_last_on_cpu():
             y = form(x)
             assert y.is_contiguous(memory_format=torch.channels_last)
             assert max_relative_error(expected, y) <= 1e-5
-    small = ReparamLargeKernelConv(8, 8, 13, groups=8, small_kernel=5)  # below the size: left as it comes
+    small = ReparamLargeKernelConv(8, 8, ConvGeometry(13, groups=8), small_kernel=5)  # below the size: left as it comes
     assert small(torch.randn(1, 8, 9, 9)).is_contiguous()
-    dense = ReparamLargeKernelConv(8, 8, 17, groups=1, small_kernel=5)  # not depthwise: left as it comes
+    dense = ReparamLargeKernelConv(8, 8, ConvGeometry(17), small_kernel=5)  # not depthwise: left as it comes
     assert dense(torch.randn(1, 8, 9, 9)).is_contiguous()
 
 
 def test_dbb_depthwise_and_internal_width():
     """Depthwise DBB has no 1x1 branch, a pool-only average branch and a doubled inner width."""
-    dw = DiverseBranchBlock(6, 6, 3, groups=6)
+    dw = DiverseBranchBlock(6, 6, ConvGeometry(3, groups=6))
     assert not hasattr(dw, "pointwise") and not hasattr(dw, "avg_conv") and dw.internal_channels == 12
-    wide = _randomized(DiverseBranchBlock(4, 6, 3, internal_channels=10))
+    wide = _randomized(DiverseBranchBlock(4, 6, internal_channels=10))
     assert not wide.identity_based
     x = torch.randn(2, 4, 9, 9)
     assert model_relative_error(wide, reparameterize_model(wide), x) <= 1e-5
@@ -158,7 +160,7 @@ def test_dbb_depthwise_and_internal_width():
 
 def test_orepa_trains_one_conv_and_one_bn():
     """OREPA's point: whatever its branches, the forward runs one conv and one BN."""
-    block = OREPA(8, 8, 3, groups=2).train()
+    block = OREPA(8, 8, ConvGeometry(3, groups=2)).train()
     modules, functions = [], []
 
     class Record(TorchFunctionMode):
@@ -177,14 +179,14 @@ def test_orepa_trains_one_conv_and_one_bn():
     assert torch.equal(block.vector[:, 0], torch.tensor([0.25, 0.25, 0.0, 0.5, 1.0, 0.5]))
     # the frequency prior covers the whole kernel for K > 3 (the official code fills only 3x3 of it):
     # cos(pi (h + 1/2) f / K), along rows for the first half of the channels, along columns for the rest
-    prior = OREPA(4, 4, 5).prior.double()
+    prior = OREPA(4, 4, ConvGeometry(5)).prior.double()
     assert prior[:, 4, 4].abs().sum() > 0
     assert abs(prior[1, 3, 0] - math.cos(math.pi * 3.5 * 2 / 5)) < 1e-7 and torch.equal(prior[1, :, 0], prior[1, :, 4])
     assert abs(prior[3, 0, 2] - math.cos(math.pi * 2.5 * 2 / 5)) < 1e-7 and torch.equal(prior[3, 0], prior[3, 4])
 
 
 def test_orepa_accepts_any_padding():
-    block = _randomized(OREPA(4, 6, 3, 2, padding=0))
+    block = _randomized(OREPA(4, 6, ConvGeometry(3, stride=2, padding=0)))
     x = torch.randn(2, 4, 9, 8)
     deploy = reparameterize_model(block)
     assert deploy(x).shape == (2, 6, 4, 3)
@@ -205,19 +207,55 @@ def test_meta_device_init_then_load_state_dict(conv_type):
 
 
 @pytest.mark.parametrize("make,message", [
-    (lambda: ACBlock(4, 4, 3, padding=0), r"ACBlock: padding=0 is not supported.*'same' padding"),
-    (lambda: RepVGGBlock(4, 4, 2), "kernel_size must be an odd int"),
-    (lambda: MobileOneBlock(4, 6, 3, groups=4), "groups=4 must divide in_channels=4 and out_channels=6"),
-    (lambda: DiverseBranchBlock(4, 4, 3, dilation=2), "dilation=2 is not supported.*average-pool"),
-        (lambda: DiverseBranchBlock(8, 4, 3, groups=4), "depthwise block .*needs in_channels == out_channels"),
-    (lambda: ACBlock(4, 4, 3, padding_mode="mirror"), "padding_mode must be one of"),
-    (lambda: ReparamLargeKernelConv(4, 4, 7, small_kernel=9), "small_kernel=9 must be odd and at most kernel_size=7"),
-    (lambda: MobileOneBlock(4, 4, 3, num_conv_branches=0), "num_conv_branches must be at least 1"),
-    (lambda: make_conv("dcn", 4, 4, 3), r"conv_type must be one of \['acb', 'conv', 'dbb', 'orepa'\]"),
+    (lambda: ACBlock(4, 4, ConvGeometry(3, padding=0)), r"ACBlock: padding=0 is not supported.*'same' padding"),
+    (lambda: RepVGGBlock(4, 4, ConvGeometry(2)), "kernel_size must be an odd int"),
+    (lambda: MobileOneBlock(4, 6, ConvGeometry(3, groups=4)), "groups=4 must divide in_channels=4 and out_channels=6"),
+    (lambda: DiverseBranchBlock(4, 4, ConvGeometry(3, dilation=2)), "dilation=2 is not supported.*average-pool"),
+        (lambda: DiverseBranchBlock(8, 4, ConvGeometry(3, groups=4)), "depthwise block .*needs in_channels == out_channels"),
+    (lambda: ACBlock(4, 4, ConvGeometry(3, padding_mode="mirror")), "padding_mode must be one of"),
+    (lambda: ReparamLargeKernelConv(4, 4, ConvGeometry(7), small_kernel=9), "small_kernel=9 must be odd and at most kernel_size=7"),
+    (lambda: MobileOneBlock(4, 4, num_conv_branches=0), "num_conv_branches must be at least 1"),
+    (lambda: make_conv("dcn", 4, 4, ConvGeometry(3)), r"conv_type must be one of \['acb', 'conv', 'dbb', 'orepa'\]"),
 ])
 def test_unsupported_geometry_is_named(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: ConvGeometry(3, stride=0), "ConvGeometry: stride must be a positive int, got 0"),
+    (lambda: ConvGeometry(3, padding=-1), r"ConvGeometry: padding must be None \('same'\) or an int >= 0, got -1"),
+    (lambda: ConvGeometry(4), "ConvGeometry: kernel_size must be an odd int, got 4"),
+])
+def test_bad_geometry_is_named(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_a_block_takes_its_geometry_as_one_value():
+    """The geometry is one typed argument: a bare kernel size in its place is refused with the
+    form to write, and the block's attributes are the geometry's, padding resolved to "same"."""
+    with pytest.raises(TypeError, match=r"RepVGGBlock: geometry must be a ConvGeometry, e.g. ConvGeometry\(3, stride=2\), got 3"):
+        RepVGGBlock(4, 4, 3)
+    block = DiverseBranchBlock(4, 8, ConvGeometry(5, stride=2, padding_mode="reflect"))
+    assert block.geometry == ConvGeometry(5, stride=2, padding=2, padding_mode="reflect")
+    assert (block.kernel_size, block.stride, block.padding, block.padding_mode) == (5, 2, 2, "reflect")
+
+
+def test_geometry_reads_from_yaml():
+    """LightningCLI's parser (jsonargparse) builds a block, geometry included, from a YAML mapping."""
+    from jsonargparse import ArgumentError, ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(OREPA, "block", instantiate=True)
+    cfg = parser.parse_string("block: {in_channels: 4, out_channels: 8, geometry: {kernel_size: 5, stride: 2, "
+                              "padding_mode: circular}, dw_multiplier: 2}")
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in 4.49
+    block = instantiate(cfg).block
+    assert isinstance(block, OREPA) and block.geometry == ConvGeometry(5, 2, 2, padding_mode="circular")
+    assert block(torch.randn(1, 4, 9, 9)).shape == (1, 8, 5, 5)
+    with pytest.raises(ArgumentError, match="block.geometry.padding_mode"):
+        parser.parse_string("block: {in_channels: 4, out_channels: 8, geometry: {padding_mode: mirror}}")
 
 
 def test_walker_refuses_sync_batchnorm_inside_family_blocks():

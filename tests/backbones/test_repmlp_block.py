@@ -83,7 +83,7 @@ def test_deploy_built_block_has_converted_state_dict(cfg):
     assert not any(k.startswith(("gp_bn", "fc3_bn", "local")) for k in converted)
 
 
-def test_switch_to_deploy_is_idempotent_and_aliases():
+def test_switch_to_deploy_is_idempotent_and_its_alias():
     train, _ = _pair(MATRIX[1])
     x = torch.randn(2, 8, 14, 14)
     with torch.no_grad():
@@ -92,7 +92,6 @@ def test_switch_to_deploy_is_idempotent_and_aliases():
         once = copy.deepcopy(train.state_dict())
         train.switch_to_deploy()
         train.reparameterize()
-        train.local_inject()
         assert all(torch.equal(once[k], v) for k, v in train.state_dict().items())
         assert max_relative_error(ref, train(x)) <= 1e-5
         again = reparameterize_model(train)

@@ -1,1 +1,2 @@
-"""Passes applied to a converted (deploy) model: CPU kernel fusion (:mod:`.fused_conv`)."""
+"""Passes applied to a converted (deploy) model: the CPU fusion pass (:mod:`.cpu_fusion`) over
+the fused oneDNN kernels (:mod:`.fused_conv`)."""

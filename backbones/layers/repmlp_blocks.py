@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..reparam.block import ReparamBlock
 from .convbn import ConvBN
-from .repmlp import DEFAULT_FC3_IMPL, Fc3Impl, Kernels, RepMLP
+from .repmlp import Kernels, RepMLP
 
 
 def _shortcut(in_channels: int, out_channels: int, deploy: bool) -> nn.Module:
@@ -38,7 +38,6 @@ class RepMLPBottleneck(ReparamBlock):
         fc1_reduction: int = 1,
         pad_input: bool = False,
         dilation: int = 1,
-        fc3_impl: Fc3Impl = DEFAULT_FC3_IMPL,
         deploy: bool = False,
     ) -> None:
         super().__init__()
@@ -49,17 +48,17 @@ class RepMLPBottleneck(ReparamBlock):
         self.conv1 = ConvBN(in_channels, mid_channels, 1, act=True, deploy=deploy)
         self.conv2 = ConvBN(mid_channels, inner, 3, dilation=dilation, act=True, deploy=deploy)
         self.repmlp = RepMLP(
-            inner, inner, input_size, partition, kernels, groups, fc1_reduction, pad_input, fc3_impl, deploy
+            inner, inner, input_size, partition, kernels, groups, fc1_reduction, pad_input, deploy
         )
         self.conv4 = ConvBN(inner, mid_channels, 3, dilation=dilation, act=True, deploy=deploy)
-        self.conv5 = ConvBN(mid_channels, out_channels, 1, act=True, deploy=deploy)  # ReLU after the add
+        self.conv5 = ConvBN(mid_channels, out_channels, 1, deploy=deploy)
         self.shortcut = _shortcut(in_channels, out_channels, deploy)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.conv2(self.conv1(x))
         out = self.relu(self.repmlp(out))
-        return self.conv5(self.conv4(out), residual=self.shortcut(x))
+        return self.relu(self.conv5(self.conv4(out)) + self.shortcut(x))
 
 
 class RepMLPLight(ReparamBlock):
@@ -76,20 +75,18 @@ class RepMLPLight(ReparamBlock):
         groups: int = 1,
         fc1_reduction: int = 1,
         pad_input: bool = False,
-        fc3_impl: Fc3Impl = DEFAULT_FC3_IMPL,
         deploy: bool = False,
     ) -> None:
         super().__init__()
         self.deploy = deploy
         self.conv1 = ConvBN(in_channels, mid_channels, 1, act=True, deploy=deploy)
         self.repmlp = RepMLP(
-            mid_channels, mid_channels, input_size, partition, kernels, groups, fc1_reduction, pad_input,
-            fc3_impl, deploy,
+            mid_channels, mid_channels, input_size, partition, kernels, groups, fc1_reduction, pad_input, deploy
         )
-        self.conv3 = ConvBN(mid_channels, out_channels, 1, act=True, deploy=deploy)  # ReLU after the add
+        self.conv3 = ConvBN(mid_channels, out_channels, 1, deploy=deploy)
         self.shortcut = _shortcut(in_channels, out_channels, deploy)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.repmlp(self.conv1(x)))
-        return self.conv3(out, residual=self.shortcut(x))
+        return self.relu(self.conv3(out) + self.shortcut(x))

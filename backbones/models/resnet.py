@@ -74,11 +74,13 @@ class Bottleneck(ReparamBlock):
         self.deploy = deploy
         self.conv1 = ConvBN(in_channels, mid_channels, 1, act=True, deploy=deploy)
         self.conv2 = make_conv(conv_type, mid_channels, mid_channels, 3, stride, dilation, act=True, deploy=deploy)
-        self.conv3 = ConvBN(mid_channels, out_channels, 1, act=True, deploy=deploy)  # ReLU after the add
+        self.conv3 = ConvBN(mid_channels, out_channels, 1, deploy=deploy)
         self.shortcut = _shortcut(in_channels, out_channels, stride, deploy)
+        self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv3(self.conv2(self.conv1(x)), residual=self.shortcut(x))
+        out = self.conv2(self.conv1(x))
+        return self.relu(self.conv3(out) + self.shortcut(x))
 
 
 class BasicBlock(ReparamBlock):
@@ -99,11 +101,12 @@ class BasicBlock(ReparamBlock):
         super().__init__()
         self.deploy = deploy
         self.conv1 = make_conv(conv_type, in_channels, out_channels, 3, stride, dilation, act=True, deploy=deploy)
-        self.conv2 = make_conv(conv_type, out_channels, out_channels, 3, 1, dilation, act=True, deploy=deploy)
+        self.conv2 = make_conv(conv_type, out_channels, out_channels, 3, 1, dilation, deploy=deploy)
         self.shortcut = _shortcut(in_channels, out_channels, stride, deploy)
+        self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv2(self.conv1(x), residual=self.shortcut(x))  # ReLU after the add
+        return self.relu(self.conv2(self.conv1(x)) + self.shortcut(x))
 
 
 class ResNet(PooledClassifier):

@@ -52,7 +52,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import backbones
 from backbones.complexity import count_macs, count_params, input_channels
 from backbones.deploy.fused_conv import fusion, fusion_enabled
-from backbones.layers.repmlp import DEFAULT_FC3_IMPL, RepMLP
+from backbones.layers.repmlp import RepMLP
 
 TARGET_MODEL = "repmlp_res50_g8_224"
 TARGET_RATIO = 1.3  # the issue: deploy >= 1.3x faster than the train-time form (eval) at batch 8
@@ -301,9 +301,9 @@ class BlockShape:
         return cls(m.in_channels, m.out_channels, m.input_size, m.partition, m.kernels, m.groups,
                    reduction, m.pad_input)
 
-    def build(self, fc3_impl: str = DEFAULT_FC3_IMPL, deploy: bool = False) -> RepMLP:
+    def build(self, deploy: bool = False) -> RepMLP:
         return RepMLP(self.in_channels, self.out_channels, self.input_size, self.partition, self.kernels,
-                      self.groups, self.fc1_reduction, self.pad_input, fc3_impl=fc3_impl, deploy=deploy)
+                      self.groups, self.fc1_reduction, self.pad_input, deploy=deploy)
 
     def label(self) -> str:
         (H, W), (h, w) = self.input_size, self.partition
@@ -313,12 +313,27 @@ class BlockShape:
 
 
 def _with_fc(fc: Callable[[RepMLP, Tensor], Tensor]) -> Callable[[RepMLP, Tensor], Tensor]:
-    """A deploy block forward whose fc3 on ``(M, C*h*w)`` partitions is ``fc`` (a ``_partition_fc`` drop-in)."""
+    """A deploy block forward from the block's public pieces: ``split_partitions`` → ``fc`` on the
+    ``(M, C*h*w)`` partitions → ``merge_partitions``."""
 
     def forward(m: RepMLP, x: Tensor) -> Tensor:
         return m.merge_partitions(fc(m, m.split_partitions(x)))
 
     return forward
+
+
+def _fc_bmm(m: RepMLP, parts: Tensor) -> Tensor:
+    """Grouped fc3 as one batched matmul, then the bias (what the train-time forward does around fc3)."""
+    g, weight, bias = m.groups, m.fc3.weight, m.fc3.bias
+    rows = parts.shape[0]
+    # (g, M, Chw/g) @ (g, Chw/g, Ohw/g) → (g, M, Ohw/g)
+    out = torch.bmm(parts.reshape(rows, g, -1).transpose(0, 1), weight.reshape(g, weight.shape[0] // g, -1).transpose(1, 2))
+    return out.transpose(0, 1).reshape(rows, -1) + bias
+
+
+def _fc_conv(m: RepMLP, parts: Tensor) -> Tensor:
+    """Grouped fc3 as a grouped 1x1 conv on ``(M, C*h*w, 1, 1)``: fc3's weight is stored in that shape."""
+    return F.conv2d(parts[:, :, None, None], m.fc3.weight, m.fc3.bias, groups=m.groups).flatten(1)
 
 
 def _fc_baddbmm(m: RepMLP, parts: Tensor) -> Tensor:
@@ -348,19 +363,20 @@ def _fc_linear_loop(m: RepMLP, parts: Tensor) -> Tensor:
     )
 
 
-# name → (description, how it is run). "module:<impl>" runs RepMLP.forward with that fc3_impl.
+OWN_FORWARD = "block"  # the deploy block's own forward, which every other formulation is compared with
+# name → (description, how it is run): a block forward ``fn(block, x)``, or the input layout that
+# the block's own forward gets
 FC3_VARIANTS: dict[str, tuple[str, Any]] = {
-    "bmm": ("RepMLP fc3_impl='bmm' (module forward: GP add fused into one group-major gather, baddbmm, "
-            "direct scatter)", "module:bmm"),
+    OWN_FORWARD: ("`RepMLP.forward` of the deploy block: GP add fused into one group-major gather, baddbmm, "
+            "direct permute back", "nchw"),
     "split-bmm": ("split_partitions → grouped bmm → bias add → merge_partitions (what the train-time path "
-                  "does around fc3)", _with_fc(lambda m, parts: m._partition_fc(parts))),
-    "conv": ("RepMLP fc3_impl='conv', grouped 1x1 conv (module forward)", "module:conv"),
-    "baddbmm": ("bmm with the bias fused in (fits in _partition_fc)", _with_fc(_fc_baddbmm)),
-    "einsum": ("torch.einsum over groups (fits in _partition_fc)", _with_fc(_fc_einsum)),
-    "linear-loop": ("one F.linear per group + cat (fits in _partition_fc)", _with_fc(_fc_linear_loop)),
-    "bmm-NHWC": ("fc3_impl='bmm' on a channels_last input", "module:bmm:channels_last"),
+                  "does around fc3)", _with_fc(_fc_bmm)),
+    "conv": ("split → grouped 1x1 conv → merge", _with_fc(_fc_conv)),
+    "baddbmm": ("split → bmm with the bias fused in → merge", _with_fc(_fc_baddbmm)),
+    "einsum": ("split → torch.einsum over groups → merge", _with_fc(_fc_einsum)),
+    "linear-loop": ("split → one F.linear per group + cat → merge", _with_fc(_fc_linear_loop)),
+    f"{OWN_FORWARD}-NHWC": ("the block's forward on a channels_last input", "channels_last"),
 }
-MODULE_IMPLS = ("bmm", "conv")  # the formulations RepMLP offers (what DEFAULT_FC3_IMPL can choose)
 
 
 # ============================================================================ section 1
@@ -477,10 +493,11 @@ def section_models(names: list[str], args: argparse.Namespace, out: Report) -> l
     out("GMACs: multiply-adds (G) of one image at the model's native `img_size`, counted by "
         "`torch.utils.flop_counter.FlopCounterMode` (conv/matmul only; flops = 2 x MACs). Max rel. err: "
         "`backbones.model_relative_error` on a batch of 2 after randomizing every BN's running stats and "
-        "affine parameters. Convert: one `backbones.reparameterize_model` call (includes its deep copy). "
+        "affine parameters. Convert: one `backbones.reparameterize_model` call (includes its deep copy and "
+        "the CPU fusion pass). "
         "Latency: medians over interleaved rounds; train/deploy > 1 means the deploy form is faster. The deploy "
         "form runs each conv with its bias, residual add and ReLU as one oneDNN kernel on a weight prepacked once "
-        f"(`backbones.deploy.fused_conv`, {'on' if fusion_enabled() else 'NOT available in this torch build'}); "
+        f"(the pass `backbones.deploy.cpu_fusion.fuse_for_cpu`, {'on' if fusion_enabled() else 'NOT available in this torch build'}); "
         "\"plain ops\" times the same deploy model with that off (`fusion(False)`), i.e. what BN folding and the "
         "merges alone give. "
         "\"In RepMLP blocks\": median wall time per forward spent inside the RepMLP blocks (forward hooks), "
@@ -572,23 +589,15 @@ def section_throughput(args: argparse.Namespace, out: Report) -> None:
 def _variant_fns(shape: BlockShape, seed: int, batch: int) -> tuple[dict[str, Callable[[], Tensor]], dict[str, Tensor], RepMLP]:
     torch.manual_seed(seed)
     train = randomize_bn(shape.build(), seed).eval()
-    deploy = backbones.reparameterize_model(train)  # fc3_impl of the train block: DEFAULT_FC3_IMPL
-    state = deploy.state_dict()
-    modules = {}
-    for impl in MODULE_IMPLS:
-        m = shape.build(fc3_impl=impl, deploy=True).eval()
-        m.load_state_dict(state)
-        modules[impl] = m
+    deploy = backbones.reparameterize_model(train)
     x = torch.randn(batch, shape.in_channels, *shape.input_size)
     inputs = {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last)}
     fns: dict[str, Callable[[], Tensor]] = {}
     for name, (_, how) in FC3_VARIANTS.items():
-        if isinstance(how, str):
-            _, impl, *fmt = how.split(":")
-            xin = inputs[fmt[0] if fmt else "nchw"]
-            fns[name] = lambda m=modules[impl], xin=xin: m(xin)
+        if isinstance(how, str):  # the block's own forward on that input layout
+            fns[name] = lambda xin=inputs[how]: deploy(xin)
         else:
-            fns[name] = lambda how=how, m=modules["bmm"]: how(m, x)
+            fns[name] = lambda how=how: how(deploy, x)
     fns["train block"] = lambda: train(x)
     return fns, inputs, deploy
 
@@ -596,8 +605,9 @@ def _variant_fns(shape: BlockShape, seed: int, batch: int) -> tuple[dict[str, Ca
 def section_fc3(shapes: list[tuple[BlockShape, list[str]]], args: argparse.Namespace, out: Report) -> None:
     out(f"## 3. Deploy RepMLP block: FC3 formulations side by side (batch {args.batch}, ms per block forward)")
     out()
-    out(f"`DEFAULT_FC3_IMPL = {DEFAULT_FC3_IMPL!r}`. Variants (all on the same deploy weights; each is "
-        f"checked against the block's own output to {VERIFY_RTOL:g} relative error before it is timed):")
+    out(f"The deploy block has one forward, `{OWN_FORWARD}`; the others are formulations kept here for "
+        f"comparison. Variants (all on the same deploy weights; each is checked against the block's own "
+        f"output to {VERIFY_RTOL:g} relative error before it is timed):")
     out()
     for name, (desc, _) in FC3_VARIANTS.items():
         out(f"- `{name}`: {desc}")
@@ -605,7 +615,7 @@ def section_fc3(shapes: list[tuple[BlockShape, list[str]]], args: argparse.Names
     out()
     variant_names = list(FC3_VARIANTS)
     header = ["block", "used in", "train block", *variant_names, "max rel. err", "fastest",
-              f"`{DEFAULT_FC3_IMPL}` / fastest", "rounds", "noise"]
+              f"`{OWN_FORWARD}` / fastest", "rounds", "noise"]
     rows, verdicts = [], []
     for i, (shape, used_in) in enumerate(shapes):
         progress(f"fc3: {shape.label()} ({', '.join(used_in)})")
@@ -619,12 +629,11 @@ def section_fc3(shapes: list[tuple[BlockShape, list[str]]], args: argparse.Names
         timings = interleaved(timed, args.repeats, BLOCK_BUDGET_S, BLOCK_REPS)
         ms = {k: timings.median_ms(k) for k in timed}
         fastest = min((k for k in variant_names if k in ms), key=ms.get)
-        fastest_impl = min((k for k in MODULE_IMPLS if k in ms), key=ms.get)
-        default_over_best = ms[DEFAULT_FC3_IMPL] / ms[fastest] if DEFAULT_FC3_IMPL in ms else math.nan
-        verdicts.append((shape, used_in, fastest, fastest_impl, default_over_best, ms, timings))
+        own_over_best = ms[OWN_FORWARD] / ms[fastest] if OWN_FORWARD in ms else math.nan
+        verdicts.append((shape, fastest, own_over_best, timings))
         cells = [f"{ms[k]:.2f}" if k in ms else "MISMATCH" for k in variant_names]
         rows.append([shape.label(), ", ".join(used_in), f"{ms['train block']:.2f}", *cells,
-                     fmt_err(max(errors.values())), f"`{fastest}`", f"{default_over_best:.2f}", str(timings.rounds),
+                     fmt_err(max(errors.values())), f"`{fastest}`", f"{own_over_best:.2f}", str(timings.rounds),
                      f"+{100 * timings.spread():.0f}%"])
         if bad:
             progress(f"fc3: {', '.join(bad)} did not match the block (errors {[errors[k] for k in bad]})")
@@ -632,26 +641,23 @@ def section_fc3(shapes: list[tuple[BlockShape, list[str]]], args: argparse.Names
     out()
     out("Per shape:")
     out()
-    all_default_fastest = True
-    for shape, used_in, fastest, fastest_impl, default_over_best, ms, timings in verdicts:
-        is_impl_fastest = fastest_impl == DEFAULT_FC3_IMPL
-        all_default_fastest &= is_impl_fastest
-        line = (f"- {shape.label()}: fastest measured `{fastest}`; of RepMLP's own `fc3_impl` options `{fastest_impl}` "
-                f"is faster ({' vs '.join(f'{k} {ms[k]:.2f} ms' for k in MODULE_IMPLS if k in ms)}, ratio "
-                f"{timings.ratio_text([k for k in MODULE_IMPLS if k != fastest_impl][0], fastest_impl)}) → "
-                f"DEFAULT_FC3_IMPL={DEFAULT_FC3_IMPL!r} {'is' if is_impl_fastest else 'is NOT'} the fastest option: "
-                f"**{'PASS' if is_impl_fastest else 'FAIL'}**")
-        if fastest != DEFAULT_FC3_IMPL:
-            gain = default_over_best - 1
-            line += (f"; `{fastest}` beats `{DEFAULT_FC3_IMPL}` by {100 * gain:.1f}% "
-                     f"({timings.ratio_text(DEFAULT_FC3_IMPL, fastest)})"
-                     + (" — within noise" if gain < NEAR_FASTEST else " — a candidate formulation"))
-        line += f"; block-level train/deploy = {timings.ratio_text('train block', DEFAULT_FC3_IMPL)}"
+    all_pass = True
+    for shape, fastest, own_over_best, timings in verdicts:
+        passed = own_over_best - 1 < NEAR_FASTEST  # NaN (the block's own output mismatched) fails
+        all_pass &= passed
+        line = f"- {shape.label()}: fastest measured `{fastest}`"
+        if fastest != OWN_FORWARD:
+            line += (f"; it beats `{OWN_FORWARD}` by {100 * (own_over_best - 1):.1f}% "
+                     f"({timings.ratio_text(OWN_FORWARD, fastest)})"
+                     + (" — within noise" if passed else " — a candidate formulation"))
+        line += (f"; block-level train/deploy = {timings.ratio_text('train block', OWN_FORWARD)}: "
+                 f"**{'PASS' if passed else 'FAIL'}**")
         out(line)
     out()
-    out(f"**FC3 verdict**: DEFAULT_FC3_IMPL={DEFAULT_FC3_IMPL!r} is the fastest of RepMLP's formulations on "
-        f"{'every' if all_default_fastest else 'NOT every'} shape → **{'PASS' if all_default_fastest else 'FAIL'}** "
-        f"(bench-only variants that beat it by more than {100 * NEAR_FASTEST:.0f}% are flagged above as candidates).")
+    out(f"**FC3 verdict**: the deploy block's own forward is the fastest formulation (or within "
+        f"{100 * NEAR_FASTEST:.0f}% of it) on {'every' if all_pass else 'NOT every'} shape → "
+        f"**{'PASS' if all_pass else 'FAIL'}** (a bench-only formulation that beats it by more is flagged "
+        "above as a candidate).")
     out()
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from backbones.deploy.cpu_fusion import fuse_for_cpu
 from callbacks.segmentation_png import SegmentationPNGWriter
 from datamodules.cityscapes import CityscapesDataModule
 from tasks.base import ReparamTask
@@ -119,6 +120,8 @@ class SegmentationTask(ReparamTask):
             FCNHead(widths[2], self.num_classes, hp.aux_channels, dropout=hp.dropout, deploy=deploy)
             if hp.aux_weight > 0 else None
         )
+        if deploy:  # deploy heads run fused like the deploy backbone (backbones.create applied the pass to it)
+            fuse_for_cpu(self)
 
     def _build_mmseg_heads(self, widths: Sequence[int]) -> None:
         try:

@@ -1,7 +1,7 @@
 """Deploy-time conv + bias (+ residual) + ReLU as one oneDNN kernel on CPU, on a prepacked weight.
 
 Once its BN is folded, a conv unit is a biased conv followed by ReLU, or, at the end of a
-residual block, by the shortcut add and ReLU. Nothing sits between them any more, so oneDNN can
+residual block, by the shortcut add and ReLU (the pass in :mod:`.cpu_fusion` routes both here). Nothing sits between them any more, so oneDNN can
 apply the add and the ReLU as post-ops while the conv's output is still in cache, instead of two
 more passes over the feature map. This is kernel fusion that only the BN-free deploy form allows
 (the train-time form has its BN in between), and it gives the same tensor as the separate ops.
@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["add_act", "conv_act", "fusion", "fusion_enabled", "clear_packed_weights", "packed_weight_count"]
+__all__ = ["conv_act", "fusion", "fusion_enabled", "clear_packed_weights", "packed_weight_count"]
 
 try:  # oneDNN's fused conv and weight reorder (what Inductor's CPU freezing emits); absent in some builds
     _POINTWISE = torch.ops.mkldnn._convolution_pointwise
@@ -76,11 +76,6 @@ def clear_packed_weights() -> None:
     """Drop every packed weight (they are rebuilt on next use). Needed only after writing a
     weight through ``.data``, which bypasses the version counter that invalidates them."""
     _PACKED.clear()
-
-
-def add_act(y: Tensor, residual: Optional[Tensor], act: nn.Module) -> Tensor:
-    """``act(y + residual)``, or ``act(y)`` without a residual: the unfused tail of a conv unit."""
-    return act(y if residual is None else y + residual)
 
 
 def _dispatch_mode_active() -> bool:
@@ -146,4 +141,5 @@ def conv_act(conv: nn.Conv2d, x: Tensor, act: nn.Module, residual: Optional[Tens
             return _POINTWISE(x, weight, conv.bias, *geometry, "relu" if relu else "none", [], "")
         return _POINTWISE.binary(x, residual, weight, conv.bias, *geometry, "add", 1.0,
                                  "relu" if relu else None, [], "" if relu else None)
-    return add_act(conv(x), residual, act)
+    y = nn.Conv2d.forward(conv, x)  # not conv(x): a FusedConvAct's own forward comes back here
+    return act(y if residual is None else y + residual)

@@ -5,7 +5,6 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from ..deploy.fused_conv import add_act, conv_act
 from ..reparam.block import ReparamBlock, assign_parameter
 from ..reparam.math import fuse_bn
 from .helpers import to_pair
@@ -15,9 +14,6 @@ class ConvBN(ReparamBlock):
     """``act(bn(conv(x)))``; deploy form ``act(conv'(x))`` with the BN folded into a biased conv.
 
     Input ``(N, C_in, H, W)`` → output ``(N, C_out, H', W')`` with the usual conv arithmetic.
-    ``forward(x, residual)`` adds a residual of the output's shape before ``act``, so the unit
-    can end a residual block; the deploy form runs conv, add and ReLU as one kernel
-    (:mod:`backbones.deploy.fused_conv`).
     ``padding=None`` means "same" for odd kernels: ``dilation * (k // 2)``.
     State dict: train ``conv.weight, bn.*``; deploy ``conv.weight, conv.bias``.
     """
@@ -65,7 +61,7 @@ class ConvBN(ReparamBlock):
         assign_parameter(self.conv, "bias", bias)
         del self.bn
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         if self.deploy:
-            return conv_act(self.conv, x, self.act, residual)
-        return add_act(self.bn(self.conv(x)), residual, self.act)
+            return self.act(self.conv(x))
+        return self.act(self.bn(self.conv(x)))

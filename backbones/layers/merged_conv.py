@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..deploy.fused_conv import add_act, conv_act
 from ..reparam.block import ReparamBlock, assign_parameter
 from .geometry import PADDING_MODES, ConvGeometry
 
@@ -95,11 +94,11 @@ class MergedConvBlock(ReparamBlock):
         assign_parameter(conv, "bias", bias)
         self.reparam_conv = conv
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        """``act(branches(x) + residual)``; ``residual`` (optional) has the output's shape."""
+    def forward(self, x: Tensor) -> Tensor:
+        """``act(branches(x))``; deploy ``act(reparam_conv(x))``."""
         if self.deploy:
-            return conv_act(self.reparam_conv, x, self.act, residual)
-        return add_act(self.forward_branches(x), residual, self.act)
+            return self.act(self.reparam_conv(x))
+        return self.act(self.forward_branches(x))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -17,7 +17,7 @@ so the block is pure FC layers. Both forms compute the same function in eval mod
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +28,6 @@ from ..reparam.math import add_branches, conv_bias_to_fc, conv_to_fc, fuse_bn, f
 from .convbn import ConvBN
 from .helpers import to_pair
 
-# The deploy-time FC3 formulation measured fastest by bench/reparam.py on CPU (see README).
-Fc3Impl = Literal["bmm", "conv"]
-DEFAULT_FC3_IMPL: Fc3Impl = "bmm"
 # Local Perceptron kernels: k (k x k) or (kh, kw)
 Kernels = tuple[int | tuple[int, int], ...]
 
@@ -61,7 +58,6 @@ class RepMLP(ReparamBlock):
         fc1_reduction: the GP's hidden width is ``C * hp * wp // fc1_reduction``.
         pad_input: accept ``H, W`` that are not multiples of ``(h, w)`` by zero-padding the
             input to the next multiple and cropping the output (exact through conversion).
-        fc3_impl: ``"bmm"`` (batched matmul) or ``"conv"`` (grouped 1x1 conv); same weights.
         deploy: build the deploy structure directly.
     """
 
@@ -75,7 +71,6 @@ class RepMLP(ReparamBlock):
         groups: int = 1,
         fc1_reduction: int = 1,
         pad_input: bool = False,
-        fc3_impl: Fc3Impl = DEFAULT_FC3_IMPL,
         deploy: bool = False,
     ) -> None:
         super().__init__()
@@ -85,7 +80,6 @@ class RepMLP(ReparamBlock):
         self.kernels = tuple(_kernel_entry(k, kernels) for k in kernels)
         self.groups = groups
         self.pad_input = pad_input
-        self.fc3_impl = fc3_impl
         self.deploy = deploy
         H, W = self.input_size
         h, w = self.partition
@@ -171,18 +165,15 @@ class RepMLP(ReparamBlock):
 
     # ------------------------------------------------------------------ forward
     def _partition_fc(self, parts: Tensor) -> Tensor:
-        """fc3 on ``(M, C*h*w)`` flattened partitions → ``(M, O*h*w)``."""
-        weight, bias, g = self.fc3.weight, self.fc3.bias, self.groups
-        if self.fc3_impl == "conv":
-            return F.conv2d(parts[:, :, None, None], weight, bias, groups=g).flatten(1)
+        """The train-time fc3 (no bias: its BN follows) on ``(M, C*h*w)`` flattened partitions → ``(M, O*h*w)``."""
+        weight, g = self.fc3.weight, self.groups
         if g == 1:
-            return F.linear(parts, weight.flatten(1), bias)
+            return F.linear(parts, weight.flatten(1))
         m = parts.shape[0]
         out_per_group = weight.shape[0] // g
         # (g, M, Chw/g) @ (g, Chw/g, Ohw/g) → (g, M, Ohw/g)
         out = torch.bmm(parts.reshape(m, g, -1).transpose(0, 1), weight.reshape(g, out_per_group, -1).transpose(1, 2))
-        out = out.transpose(0, 1).reshape(m, -1)
-        return out if bias is None else out + bias
+        return out.transpose(0, 1).reshape(m, -1)
 
     def _padded_input(self, x: Tensor) -> Tensor:
         """``x`` checked against the built size and zero-padded to whole partitions."""
@@ -213,8 +204,8 @@ class RepMLP(ReparamBlock):
             x6 = x6 + self._global_vector(x).reshape(n, C, hp, 1, wp, 1)
         return x6.permute(0, 2, 4, 1, 3, 5).reshape(n * hp * wp, C * h * w)
 
-    def _deploy_bmm_forward(self, x: Tensor) -> Tensor:
-        """The deploy block in two passes over the data (bench/reparam.py measured it 11-18% faster
+    def _deploy_forward(self, x: Tensor) -> Tensor:
+        """The deploy block in two passes over the data (bench/reparam.py measured it 7-17% faster
         than split → bmm → merge, which makes five): the GP add and the partition gather are one
         write into the group-major ``(g, M, Chw/g)`` layout, fc3 is one ``baddbmm`` (bias fused),
         and its ``(g, M, Ohw/g)`` result is permuted straight back to ``(N, O, H, W)``."""
@@ -249,16 +240,16 @@ class RepMLP(ReparamBlock):
         return out
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.deploy and self.fc3_impl == "bmm":
-            return self._deploy_bmm_forward(x)
+        """``(N, C, H, W)`` → ``(N, O, H, W)``: GP, then fc3 + BN plus the Local Perceptron (train), or
+        the merged fc3 alone (deploy)."""
+        if self.deploy:
+            return self._deploy_forward(x)
         parts = self.split_partitions(x)
-        out = self._partition_fc(parts)
-        if not self.deploy:
-            out = self.fc3_bn(out)
-            if self.kernels:
-                h, w = self.partition
-                local_in = parts.reshape(-1, self.in_channels, h, w)
-                out = out + sum(branch(local_in) for branch in self.local.values()).flatten(1)
+        out = self.fc3_bn(self._partition_fc(parts))
+        if self.kernels:
+            h, w = self.partition
+            local_in = parts.reshape(-1, self.in_channels, h, w)
+            out = out + sum(branch(local_in) for branch in self.local.values()).flatten(1)
         return self.merge_partitions(out)
 
     def extra_repr(self) -> str:

@@ -67,14 +67,14 @@ class RepMLPBottleneck(ReparamBlock):
         self.conv2 = ConvBN(mid_channels, inner, 3, dilation=dilation, act=True, deploy=deploy)
         self.repmlp = mlp.build(inner, input_size, deploy)
         self.conv4 = ConvBN(inner, mid_channels, 3, dilation=dilation, act=True, deploy=deploy)
-        self.conv5 = ConvBN(mid_channels, out_channels, 1, act=True, deploy=deploy)  # ReLU after the add
+        self.conv5 = ConvBN(mid_channels, out_channels, 1, deploy=deploy)
         self.shortcut = _shortcut(in_channels, out_channels, deploy)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.conv2(self.conv1(x))
         out = self.relu(self.repmlp(out))
-        return self.conv5(self.conv4(out), residual=self.shortcut(x))
+        return self.relu(self.conv5(self.conv4(out)) + self.shortcut(x))
 
 
 class RepMLPLight(ReparamBlock):
@@ -90,10 +90,10 @@ class RepMLPLight(ReparamBlock):
         self.deploy = deploy
         self.conv1 = ConvBN(in_channels, mid_channels, 1, act=True, deploy=deploy)
         self.repmlp = mlp.build(mid_channels, input_size, deploy)
-        self.conv3 = ConvBN(mid_channels, out_channels, 1, act=True, deploy=deploy)  # ReLU after the add
+        self.conv3 = ConvBN(mid_channels, out_channels, 1, deploy=deploy)
         self.shortcut = _shortcut(in_channels, out_channels, deploy)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.repmlp(self.conv1(x)))
-        return self.conv3(out, residual=self.shortcut(x))
+        return self.relu(self.conv3(out) + self.shortcut(x))

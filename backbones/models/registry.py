@@ -83,9 +83,15 @@ def _check_registered(name: str) -> None:
 def create(name: str, **kwargs: Any) -> nn.Module:
     """Build the registered model ``name``; ``kwargs`` override the factory's defaults
     (every factory takes ``num_classes`` and ``deploy``; face backbones accept only
-    ``num_classes=0``, as their identity classifier is the face task's margin head)."""
+    ``num_classes=0``, as their identity classifier is the face task's margin head).
+    A deploy model comes with the CPU fusion pass applied, as a converted one does."""
     _check_registered(name)
-    return _FACTORIES[name](**kwargs)
+    model = _FACTORIES[name](**kwargs)
+    if kwargs.get("deploy"):
+        # imported here: the deploy passes import the model files, which import this module
+        from ..deploy.cpu_fusion import fuse_for_cpu
+        fuse_for_cpu(model)
+    return model
 
 
 def model_cfg(name: str) -> ModelCfg:

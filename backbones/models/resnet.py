@@ -80,11 +80,13 @@ class Bottleneck(ReparamBlock):
         self.conv1 = ConvBN(in_channels, mid_channels, 1, act=True, deploy=deploy)
         self.conv2 = make_conv(conv_type, mid_channels, mid_channels, ConvGeometry(3, stride, dilation=dilation),
                                act=True, deploy=deploy)
-        self.conv3 = ConvBN(mid_channels, out_channels, 1, act=True, deploy=deploy)  # ReLU after the add
+        self.conv3 = ConvBN(mid_channels, out_channels, 1, deploy=deploy)
         self.shortcut = _shortcut(in_channels, out_channels, stride, deploy)
+        self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv3(self.conv2(self.conv1(x)), residual=self.shortcut(x))
+        out = self.conv2(self.conv1(x))
+        return self.relu(self.conv3(out) + self.shortcut(x))
 
 
 class BasicBlock(ReparamBlock):
@@ -107,11 +109,12 @@ class BasicBlock(ReparamBlock):
         self.conv1 = make_conv(conv_type, in_channels, out_channels, ConvGeometry(3, stride, dilation=dilation),
                                act=True, deploy=deploy)
         self.conv2 = make_conv(conv_type, out_channels, out_channels, ConvGeometry(3, dilation=dilation),
-                               act=True, deploy=deploy)
+                               deploy=deploy)
         self.shortcut = _shortcut(in_channels, out_channels, stride, deploy)
+        self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv2(self.conv1(x), residual=self.shortcut(x))  # ReLU after the add
+        return self.relu(self.conv2(self.conv1(x)) + self.shortcut(x))
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ def _sync_bn_names(model: nn.Module) -> list[str]:
     return [name or "<root>" for name, m in model.named_modules() if isinstance(m, nn.SyncBatchNorm)]
 
 
-def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
+def reparameterize_model(model: nn.Module, inplace: bool = False, fuse: bool = True) -> nn.Module:
     """Convert every re-parameterizable block of ``model`` to its deploy form.
 
     Puts the model in eval mode (BN folding uses running statistics) and walks top-down from the
@@ -50,6 +50,8 @@ def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     called twice, and the walker keeps no state on the modules. Deep-copies the model unless
     ``inplace``. Raises if the model contains SyncBatchNorm, which must be reverted first
     (Lightning does so at the end of fit; ``nn.SyncBatchNorm`` is not a ``BatchNorm2d``).
+    ``fuse``: then apply the CPU fusion pass (:func:`backbones.deploy.cpu_fusion.fuse_for_cpu`:
+    same keys and outputs, faster CPU inference).
     """
     sync = _sync_bn_names(model)
     if sync:
@@ -63,6 +65,10 @@ def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     model.eval()
     with torch.no_grad():
         _convert_tree(model)
+    if fuse:
+        # imported here: the deploy passes build on the layers, which import this module
+        from ..deploy.cpu_fusion import fuse_for_cpu
+        fuse_for_cpu(model)
     return model
 
 

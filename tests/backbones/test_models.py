@@ -15,6 +15,7 @@ from backbones import (
 )
 from backbones.layers.dbb import BNAndPad
 from backbones.models.resnet import resnet_stages
+from backbones.deploy.fused_conv import fusion
 from conftest import perturb_params, randomize_bn
 
 ALL = list_models()
@@ -98,7 +99,8 @@ def test_repeated_conversion_and_alias_orders(name, kwargs):
     for other in (timm_style, mmpretrain_style, timm_then_mmpretrain, mmpretrain_then_timm, twice):
         other.eval()
         assert ours.state_dict().keys() == other.state_dict().keys()
-        assert model_relative_error(ours, other, x) == 0.0
+        with fusion(False):  # the third-party walkers do not apply the CPU fusion pass: compare the plain ops
+            assert model_relative_error(ours, other, x) == 0.0
     assert not hasattr(backbones.RepMLP, "fuse") and not hasattr(backbones.ConvBN, "fuse")
 
 

@@ -33,17 +33,16 @@ IDS = [f"C{c}-O{o}-{H}x{W}-p{h}x{w}-K{_kernels_id(k)}-g{g}-r{r}{'-pad' if p else
        for c, o, (H, W), (h, w), k, g, r, p in MATRIX]
 
 
-def _pair(cfg, dtype=torch.float32, fc3_impl="bmm"):
+def _pair(cfg, dtype=torch.float32):
     C, O, size, part, K, g, r, pad = cfg
-    train = RepMLP(C, O, size, part, K, g, r, pad, fc3_impl=fc3_impl).to(dtype)
+    train = RepMLP(C, O, size, part, K, g, r, pad).to(dtype)
     randomize_bn(train).eval()
     return train, reparameterize_model(train)
 
 
 @pytest.mark.parametrize("cfg", MATRIX, ids=IDS)
-@pytest.mark.parametrize("fc3_impl", ["bmm", "conv"])
-def test_fp32_equivalence(cfg, fc3_impl):
-    train, deploy = _pair(cfg, fc3_impl=fc3_impl)
+def test_fp32_equivalence(cfg):
+    train, deploy = _pair(cfg)
     x = torch.randn(3, cfg[0], *cfg[2])
     with torch.no_grad():
         y = train(x)
@@ -117,11 +116,9 @@ def test_training_mode_runs_and_backpropagates():
 
 
 
-@pytest.mark.parametrize("fc3_impl", ["bmm", "conv"])
-def test_deploy_block_backpropagates_and_matches_its_no_grad_output(fc3_impl):
+def test_deploy_block_backpropagates_and_matches_its_no_grad_output():
     """The deploy forward takes another path under autograd (no out= argument): same values."""
-    block = reparameterize_model(randomize_bn(RepMLP(8, 16, (13, 11), (7, 5), (1, 3), groups=2, pad_input=True,
-                                                     fc3_impl=fc3_impl)))
+    block = reparameterize_model(randomize_bn(RepMLP(8, 16, (13, 11), (7, 5), (1, 3), groups=2, pad_input=True)))
     x = torch.randn(4, 8, 13, 11, requires_grad=True)
     out = block(x)
     with torch.no_grad():

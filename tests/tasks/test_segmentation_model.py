@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from conftest import perturb_params, randomize_bn
 
 from backbones import create, reparameterize_model
+from backbones.deploy.cpu_fusion import FusedConvAct
+from backbones.layers.convbn import ConvBN
 from backbones.reparam.walker import max_relative_error
 from backbones.weights import read_weights
 from backbones.weights.mmseg import convert_mmseg_state_dict, is_mmseg_checkpoint, is_mmseg_state_dict
@@ -198,6 +200,10 @@ def test_task_converts_backbone_and_heads():
     # a task built deploy=True has the same keys and shapes
     built = _task(deploy=True)
     assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in task.state_dict().items()}
+    # both run the CPU fusion pass over backbone and heads alike: every deploy ConvBN has a fused conv
+    for model in (task, built):
+        units = [m for m in model.modules() if isinstance(m, ConvBN)]
+        assert units and all(isinstance(u.conv, FusedConvAct) for u in units)
 
 
 def test_weights_match_loads_the_matching_tensors(tmp_path):

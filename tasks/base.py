@@ -237,13 +237,21 @@ class ReparamTask(pl.LightningModule):
         check_fits(self, state_dict, source, self.backbone_name, checkpoint_arch=name, hints=hints)
         self.reparam_info = checkpoint.get("reparam") if ckpt_deploy else None
 
+    def attached_trainer(self) -> Optional[pl.Trainer]:
+        """The Trainer running this task, None outside one (e.g. :meth:`load_weights` from a script)."""
+        try:
+            return self.trainer
+        except RuntimeError:  # Lightning's answer for a module not attached to a Trainer
+            return None
+
     def trainer_stage(self) -> Optional[str]:
-        trainer = self._trainer
+        trainer = self.attached_trainer()
         return trainer.state.fn.value if trainer is not None and trainer.state.fn is not None else None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # a checkpoint the CLI rewrote (mmseg, backbone file) names its original file
-        source = checkpoint.get("source") or (self._trainer.ckpt_path if self._trainer is not None else None)
+        trainer = self.attached_trainer()
+        source = checkpoint.get("source") or (trainer.ckpt_path if trainer is not None else None)
         self._align_with_checkpoint(checkpoint, str(source or "(checkpoint)"))
         if self.trainer_stage() == "fit":
             self._resume_rng = checkpoint.get("rng")

@@ -11,6 +11,8 @@
   (:meth:`on_save_checkpoint` / :meth:`on_load_checkpoint`), with clear errors for a checkpoint of
   another backbone or shape;
 - the global RNG states in every training checkpoint, restored on resume (:mod:`tasks.lightning.rng_state`);
+- the log row of the batch a step checkpoint is saved in, which Lightning logs only after saving:
+  kept in the checkpoint and given back to the CSV logger on resume (:mod:`tasks.lightning.csv_logger`);
 - ``results.json`` in the log folder after every test run (:meth:`on_test_end`).
 
 Subclasses add the head, the loss, the metrics and the steps.
@@ -32,6 +34,7 @@ from backbones.complexity import count_macs, count_params
 from backbones.models.registry import model_input_size
 from backbones.reparam.walker import max_relative_error
 from backbones.weights.io import check_fits, load_state_dict_file, state_dict_mode
+from tasks.lightning.csv_logger import CheckpointedCSVLogger, PendingRow
 from tasks.lightning.rng_state import rng_state, set_rng_state
 
 __all__ = ["ReparamTask", "RESULTS_FILE"]
@@ -115,6 +118,8 @@ class ReparamTask(pl.LightningModule):
         # Filled by convert_to_deploy (or read from a deploy checkpoint): params, error, tolerance.
         self.reparam_info: Optional[dict[str, Any]] = None
         self._resume_rng: Optional[dict[str, Any]] = None  # RNG states of a checkpoint being resumed
+        self._log_row = PendingRow()  # the row of the training batch in progress
+        self._resume_log_row: Optional[dict[str, Any]] = None  # that row in a checkpoint being resumed
 
     # ------------------------------------------------------------------ backbone
     def backbone_args(self) -> dict[str, Any]:
@@ -198,6 +203,9 @@ class ReparamTask(pl.LightningModule):
             # Every rank seeds the same and draws the same, so rank 0's state (the one written)
             # serves every rank on resume.
             checkpoint["rng"] = rng_state()
+            row = self._log_row.pending(self.trainer, self.automatic_optimization)
+            if row is not None:
+                checkpoint["pending_log_row"] = row
 
     def mismatch_hints(self, state_dict: dict[str, Tensor]) -> list[str]:
         """Task-specific explanations of a checkpoint that does not fit (e.g. class count)."""
@@ -255,6 +263,7 @@ class ReparamTask(pl.LightningModule):
         self._align_with_checkpoint(checkpoint, str(source or "(checkpoint)"))
         if self.trainer_stage() == "fit":
             self._resume_rng = checkpoint.get("rng")
+            self._resume_log_row = checkpoint.get("pending_log_row")
 
     def on_train_start(self) -> None:
         # Restored here, after the sanity check (which Lightning runs with the RNGs isolated), so
@@ -262,6 +271,22 @@ class ReparamTask(pl.LightningModule):
         if self._resume_rng is not None:
             set_rng_state(self._resume_rng)
             self._resume_rng = None
+        if self._resume_log_row is not None:
+            # written unless the interrupted run wrote it after saving the checkpoint
+            for logger in self.loggers:
+                if isinstance(logger, CheckpointedCSVLogger):
+                    logger.log_metrics(self._resume_log_row["metrics"], self._resume_log_row["step"])
+            self._resume_log_row = None
+
+    def log(self, *args: Any, **kwargs: Any) -> None:
+        super().log(*args, **kwargs)
+        self._log_row.record(self, *args, **kwargs)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._log_row.start(self.trainer)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._log_row.end()
 
     # ------------------------------------------------------------------ optimization
     def parameter_groups(self) -> list[dict[str, Any]]:

@@ -142,6 +142,8 @@ class TaskCLI(LightningCLI):
             ("model.backbone", "model.backbone_kwargs"), "data.image_size",
             compute_fn=_model_input_size, apply_on="parse",
         )
+        # _explicit_seed also refuses a seed that is not an integer, at parse time: before Lightning
+        # would turn ``true`` into a seed taken from the environment (or 0)
         parser.link_arguments("seed_everything", "data.seed", compute_fn=_explicit_seed, apply_on="parse")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:

@@ -4,7 +4,7 @@
 order and with the augmentation seeds of :class:`SeededSampler`, with ``drop_last`` (and an error
 when the batch is larger than the set); evaluation in order with :func:`distributed_eval_sampler`,
 so every image is on exactly one rank and none is repeated. Its checkpoint state is the training
-position (epoch and batches done, read from the trainer's fit loop), so a resumed run, even one
+position (epoch and batches done, read through :mod:`tasks.lightning.adapter`), so a resumed run, even one
 stopped mid-epoch, sees the batches the uninterrupted run would have seen.
 
 Lightning's val/test ``DistributedSampler`` pads the shorter ranks with repeated samples so that
@@ -20,6 +20,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from tasks.lightning.adapter import batches_done
 
 from .image_folder import collate_readable
 from .seeded_sampler import SeededSampler
@@ -65,7 +67,7 @@ class SplitDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is None or trainer.state.fn is None or trainer.state.fn.value != "fit":
             return {}
-        return {"epoch": trainer.current_epoch, "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+        return {"epoch": trainer.current_epoch, "batches_done": batches_done(trainer),
                 "batches_per_epoch": int(trainer.num_training_batches)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:

@@ -13,6 +13,8 @@
   :func:`backbones.weights.read_weights` reads, the structure matched to its form, with clear
   errors for a file of another backbone, form or shape;
 - the global RNG states in every training checkpoint, restored on resume (:mod:`tasks.lightning.rng_state`);
+- the log row of the batch a step checkpoint is saved in, which Lightning logs only after saving:
+  kept in the checkpoint and given back to the CSV logger on resume (:mod:`tasks.lightning.csv_logger`);
 - ``results.json`` in the log folder after every test run (:meth:`on_test_end`).
 
 Subclasses add the head, the loss, the metrics and the steps.
@@ -35,6 +37,7 @@ from backbones.models.registry import model_input_size
 from backbones.weights import Weights, read_weights, weights_of_checkpoint
 from backbones.reparam.walker import max_relative_error
 from backbones.weights.io import check_fits, listing
+from tasks.lightning.csv_logger import CheckpointedCSVLogger, PendingRow
 from tasks.lightning.rng_state import rng_state, set_rng_state
 
 __all__ = ["ReparamTask", "RESULTS_FILE"]
@@ -132,6 +135,8 @@ class ReparamTask(pl.LightningModule):
         self.reparam_info: Optional[dict[str, Any]] = None
         self._resume_rng: Optional[dict[str, Any]] = None  # RNG states of a checkpoint being resumed
         self._weights_loaded = False  # model.weights is loaded once, at the first setup
+        self._log_row = PendingRow()  # the row of the training batch in progress
+        self._resume_log_row: Optional[dict[str, Any]] = None  # that row in a checkpoint being resumed
 
     # ------------------------------------------------------------------ backbone
     def backbone_args(self) -> dict[str, Any]:
@@ -203,6 +208,9 @@ class ReparamTask(pl.LightningModule):
             # Every rank seeds the same and draws the same, so rank 0's state (the one written)
             # serves every rank on resume.
             checkpoint["rng"] = rng_state()
+            row = self._log_row.pending(self.trainer, self.automatic_optimization)
+            if row is not None:
+                checkpoint["pending_log_row"] = row
 
     # ------------------------------------------------------------------ weights
     def setup(self, stage: str) -> None:
@@ -296,17 +304,26 @@ class ReparamTask(pl.LightningModule):
         hints += self._kwargs_hints(weights)
         check_fits(self, state, weights.path, self.backbone_name, checkpoint_arch=weights.arch, hints=hints)
 
+    def attached_trainer(self) -> Optional[pl.Trainer]:
+        """The Trainer running this task, None outside one (e.g. :meth:`load_weights` from a script)."""
+        try:
+            return self.trainer
+        except RuntimeError:  # Lightning's answer for a module not attached to a Trainer
+            return None
+
     def trainer_stage(self) -> Optional[str]:
-        trainer = self._trainer
+        trainer = self.attached_trainer()
         return trainer.state.fn.value if trainer is not None and trainer.state.fn is not None else None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        weights = weights_of_checkpoint(checkpoint, str(self._trainer.ckpt_path if self._trainer is not None else "(checkpoint)"))
+        trainer = self.attached_trainer()
+        weights = weights_of_checkpoint(checkpoint, str(trainer.ckpt_path if trainer is not None else "(checkpoint)"))
         self.align_to(weights)
         self.check_fits(weights)
         self.reparam_info = weights.extra.get("reparam") if weights.deploy else None
         if self.trainer_stage() == "fit":
             self._resume_rng = checkpoint.get("rng")
+            self._resume_log_row = checkpoint.get("pending_log_row")
 
     def on_train_start(self) -> None:
         # Restored here, after the sanity check (which Lightning runs with the RNGs isolated), so
@@ -314,6 +331,22 @@ class ReparamTask(pl.LightningModule):
         if self._resume_rng is not None:
             set_rng_state(self._resume_rng)
             self._resume_rng = None
+        if self._resume_log_row is not None:
+            # written unless the interrupted run wrote it after saving the checkpoint
+            for logger in self.loggers:
+                if isinstance(logger, CheckpointedCSVLogger):
+                    logger.log_metrics(self._resume_log_row["metrics"], self._resume_log_row["step"])
+            self._resume_log_row = None
+
+    def log(self, *args: Any, **kwargs: Any) -> None:
+        super().log(*args, **kwargs)
+        self._log_row.record(self, *args, **kwargs)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._log_row.start(self.trainer)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._log_row.end()
 
     # ------------------------------------------------------------------ optimization
     def parameter_groups(self) -> list[dict[str, Any]]:

@@ -35,6 +35,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from backbones import input_size
 from callbacks.reparam import ReparamCallback
 
+from . import adapter
 from .checkpoint_io import CheckedCheckpointIO
 from .csv_logger import CheckpointedCSVLogger
 
@@ -151,6 +152,8 @@ class TaskCLI(LightningCLI):
             ("model.backbone", "model.backbone_kwargs"), "data.image_size",
             compute_fn=_model_input_size, apply_on="parse",
         )
+        # _explicit_seed also refuses a seed that is not an integer, at parse time: before Lightning
+        # would turn ``true`` into a seed taken from the environment (or 0)
         parser.link_arguments("seed_everything", "data.seed", compute_fn=_explicit_seed, apply_on="parse")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -159,7 +162,17 @@ class TaskCLI(LightningCLI):
             trainer.strategy.checkpoint_io = CheckedCheckpointIO()
         return trainer
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # The config decides what is built: LightningCLI would otherwise replace the model arguments
+        # by a --ckpt_path file's hyperparameters, and a checkpoint that does not fit the config is
+        # an error that says why (ReparamTask.on_load_checkpoint) rather than a silent swap.
+        adapter.hold_ckpt_path(self)
+
     def before_instantiate_classes(self) -> None:
+        adapter.release_ckpt_path(self)
+        if self.subcommand and self.config[self.subcommand].get("weights_only", False) is None:
+            self.config[self.subcommand].weights_only = True  # --ckpt_path files are unpickled safely unless asked
         if self.subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":
             self._resolve_last_checkpoint(self.config.fit)
         config = self.config[self.subcommand] if self.subcommand else None
@@ -211,23 +224,7 @@ class TaskCLI(LightningCLI):
                 init["resume_step"] = int(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["global_step"])
         print(f"resuming from {last}")
 
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI would replace the model arguments by the checkpoint's hyperparameters. Here
-        # the config decides what is built, and a checkpoint that does not fit it is an error that
-        # says why (ReparamTask.on_load_checkpoint) rather than a silent swap of the backbone.
-        return
-
-    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
-        kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        if "weights_only" in kwargs and kwargs["weights_only"] is None:
-            kwargs["weights_only"] = True  # --ckpt_path files are unpickled safely unless asked otherwise
-        return kwargs
-
-    def _set_seed(self) -> None:
-        # Checked before Lightning turns ``true`` into a seed taken from the environment (or 0).
-        _explicit_seed(self._get(self.config, "seed_everything"))
-        super()._set_seed()
 
     def after_fit(self) -> None:
-        if self._get(self.config, "test_after_fit") and not self.trainer.interrupted:
+        if self.config[self.subcommand].get("test_after_fit") and not self.trainer.interrupted:
             self.trainer.test(self.model, datamodule=self.datamodule)

@@ -100,6 +100,50 @@ def test_resumed_run_keeps_its_log_as_if_it_had_never_stopped(runs):
     assert [r["epoch"] for r in rows if r["val/mIoU"]] == ["0", "1"]
 
 
+_KILLER = """
+import os
+from tasks.lightning.checkpoint_io import CheckedCheckpointIO
+
+
+class ExitAfterFirstSave(CheckedCheckpointIO):
+    \"\"\"Ends the process as soon as the first checkpoint is on disk: inside ModelCheckpoint's
+    on_train_batch_end, before Lightning hands that batch's row to the loggers.\"\"\"
+
+    def save_checkpoint(self, *args, **kwargs):
+        super().save_checkpoint(*args, **kwargs)
+        os._exit(3)
+"""
+
+
+def test_a_kill_between_the_step_checkpoint_and_its_log_row_loses_no_row(runs):
+    """Lightning saves the step checkpoint (global_step 2) before it logs the row of step 1; the
+    process here dies exactly there. The checkpoint keeps that row, and the resumed run writes it
+    back: the log equals the uninterrupted run's."""
+    cwd, root, full, *_ = runs
+    (cwd / "killer.py").write_text(_KILLER)
+    (cwd / "exit_after_save.yaml").write_text("trainer:\n  plugins:\n    - class_path: killer.ExitAfterFirstSave\n")
+    args = ["fit", "-c", str(REPO / "configs" / "segmentation" / "demo.yaml"), "-c", "callbacks.yaml", *FIT[1:],
+            "--data.root", str(root), *_name("window")]
+    env = {**os.environ, "REPMLP_DEMO_ROOT": str(cwd), "PYTHONPATH": str(REPO)}
+    killed = subprocess.Popen([sys.executable, "-m", "tasks.segmentation", *args, "-c", "exit_after_save.yaml"],
+                              cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    code = killed.wait(timeout=600)
+    try:
+        os.killpg(killed.pid, signal.SIGKILL)  # the data workers the exit left behind
+    except ProcessLookupError:
+        pass
+    stderr = killed.stderr.read().decode()
+    assert code == 3, stderr[-3000:]
+    run = cwd / "runs" / "window" / "version_0"
+    at_kill = _checkpoint(run)
+    assert at_kill["global_step"] == 2
+    # the window was hit: the row of step 1 is in the checkpoint, not yet in the file
+    assert [r["step"] for r in _metrics_rows(run) if r["train/loss"]] == ["0"]
+    assert at_kill["pending_log_row"]["step"] == 1 and "train/loss" in at_kill["pending_log_row"]["metrics"]
+    assert_ok(run_task("segmentation", *args, "--ckpt_path", "last", cwd=cwd, demo_root=cwd))
+    assert _metrics_rows(run) == _metrics_rows(full)
+
+
 def test_the_kill_was_mid_epoch_and_the_position_is_checkpointed(runs):
     """The resumed run really started part-way (what makes the test above non-trivial): from the
     checkpoint of step 2 of epoch 0's 4 steps, with the RNG states."""

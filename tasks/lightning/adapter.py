@@ -1,0 +1,52 @@
+"""The two places where the project needs Lightning behaviour that has no public API.
+
+Everything else in the project uses Lightning's public API. The two here rely on Lightning
+internals, checked by ``tests/tasks/test_lightning_adapter.py`` (which fails with a message naming
+what changed when a Lightning upgrade breaks an assumption; ``setup.py`` bounds the version):
+
+- :func:`batches_done`: the batches of the current training epoch the trainer has processed, read
+  from ``trainer.fit_loop.epoch_loop.batch_progress.current.processed``. A datamodule checkpoints
+  this position so a run stopped mid-epoch resumes at the next batch
+  (:class:`datamodules.split_loaders.SplitDataModule`); Lightning exposes no public counter of it
+  (``trainer.global_step`` counts optimizer steps, and a resumed epoch's ``batch_idx`` restarts).
+- :func:`hold_ckpt_path` / :func:`release_ckpt_path`: ``LightningCLI.__init__`` calls the private
+  ``LightningCLI._parse_ckpt_path`` right after :meth:`~pytorch_lightning.cli.LightningCLI.parse_arguments`;
+  for a ``--ckpt_path`` file with ``hyper_parameters`` it re-parses the model arguments from the
+  checkpoint, replacing the config's. Here the config decides what is built, and a checkpoint that
+  does not fit it is an error saying why (:meth:`tasks.base.ReparamTask.on_load_checkpoint`), so
+  :class:`tasks.lightning.cli.TaskCLI` takes ``ckpt_path`` out of the parsed config in
+  ``parse_arguments`` and puts it back in ``before_instantiate_classes`` (both public hooks), before
+  Lightning uses it for the subcommand.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+
+__all__ = ["batches_done", "hold_ckpt_path", "release_ckpt_path"]
+
+_HELD = "_adapter_held_ckpt_path"
+
+
+def batches_done(trainer: pl.Trainer) -> int:
+    """Batches of the current training epoch processed so far (including the batches before a
+    mid-epoch resume)."""
+    return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+
+
+def hold_ckpt_path(cli: Any) -> None:
+    """Take ``ckpt_path`` out of ``cli.config`` (of the subcommand) so that LightningCLI does not
+    replace the model arguments by the checkpoint's hyperparameters; :func:`release_ckpt_path`
+    restores it."""
+    sub = cli.config.get("subcommand")
+    if sub and cli.config[sub].get("ckpt_path") is not None:
+        setattr(cli, _HELD, cli.config[sub].ckpt_path)
+        cli.config[sub].ckpt_path = None
+
+
+def release_ckpt_path(cli: Any) -> None:
+    """Put back the ``ckpt_path`` :func:`hold_ckpt_path` took out."""
+    if hasattr(cli, _HELD):
+        cli.config[cli.config.subcommand].ckpt_path = getattr(cli, _HELD)
+        delattr(cli, _HELD)

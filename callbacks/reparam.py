@@ -105,7 +105,7 @@ class ReparamCallback(pl.Callback):
         best = self._best_path(trainer) if self.load_best else None
         if best is not None:
             rank_zero_info(f"ReparamCallback: reloading the best checkpoint {best}")
-            pl_module.load_weights(best)
+            pl_module.load_weights(best, match="all")  # the run's own checkpoint: every tensor
 
         inputs = self._check_batch(trainer, pl_module)
         if inputs is None:

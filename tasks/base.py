@@ -241,7 +241,6 @@ class ReparamTask(pl.LightningModule):
             self.check_fits(weights)
             self.load_state_dict(weights.task_state_dict(), strict=True)
             note = "every tensor of the task"
-        self.reparam_info = weights.extra.get("reparam") if weights.deploy else None
         self._weights_loaded = True
         print(f"weights {weights.path}: {weights.describe()}: loaded {note}")
         return weights
@@ -292,6 +291,7 @@ class ReparamTask(pl.LightningModule):
         elif not weights.deploy and self.deploy:
             self.build_model(deploy=False)
         self.adapt_heads(weights)
+        self.reparam_info = weights.extra.get("reparam") if weights.deploy else None
 
     def check_fits(self, weights: Weights) -> None:
         """Raise one error that says why ``weights`` do not load strictly into the whole task."""
@@ -320,7 +320,6 @@ class ReparamTask(pl.LightningModule):
         weights = weights_of_checkpoint(checkpoint, str(trainer.ckpt_path if trainer is not None else "(checkpoint)"))
         self.align_to(weights)
         self.check_fits(weights)
-        self.reparam_info = weights.extra.get("reparam") if weights.deploy else None
         if self.trainer_stage() == "fit":
             self._resume_rng = checkpoint.get("rng")
             self._resume_log_row = checkpoint.get("pending_log_row")

@@ -20,13 +20,12 @@ from typing import Any, Literal, Optional
 
 from torch import Tensor
 
-from .io import state_dict_mode, strip_prefix
+from .io import BACKBONE_PREFIX, state_dict_mode, strip_prefix
 
 __all__ = ["Weights", "WeightFormat", "Scope", "LIGHTNING", "BACKBONE_FILE", "STATE_DICT", "BACKBONE_PREFIX",
-           "inferred_deploy"]
+           "backbone_part", "inferred_deploy"]
 
 Scope = Literal["task", "backbone"]
-BACKBONE_PREFIX = "backbone."  # a task's backbone attribute: its keys in a task state dict
 
 
 @dataclass
@@ -73,7 +72,7 @@ class Weights:
         """The backbone's tensors keyed as in the backbone."""
         if self.scope == "backbone":
             return dict(self.state_dict)
-        return {k[len(BACKBONE_PREFIX):]: v for k, v in self.state_dict.items() if k.startswith(BACKBONE_PREFIX)}
+        return backbone_part(self.state_dict)
 
 
 @dataclass(frozen=True)
@@ -91,6 +90,11 @@ def inferred_deploy(state_dict: Mapping[str, Tensor]) -> bool:
     return state_dict_mode(state_dict) == "deploy"
 
 
+def backbone_part(task_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The ``backbone.*`` entries of a task state dict, keyed as in the backbone."""
+    return {k[len(BACKBONE_PREFIX):]: v for k, v in task_state_dict.items() if k.startswith(BACKBONE_PREFIX)}
+
+
 def _recorded_deploy(meta: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> bool:
     deploy = meta.get("deploy")
     return deploy if isinstance(deploy, bool) else inferred_deploy(state_dict)
@@ -104,7 +108,7 @@ def _is_lightning(state_dict: Mapping[str, Tensor], meta: Mapping[str, Any]) -> 
 def _read_lightning(state_dict: dict[str, Tensor], meta: dict[str, Any], path: str) -> Weights:
     spec = meta.get("backbone") if isinstance(meta.get("backbone"), Mapping) else {}
     task_keys = strip_prefix(state_dict)  # DDP's module.
-    backbone_keys = {k[len(BACKBONE_PREFIX):]: v for k, v in task_keys.items() if k.startswith(BACKBONE_PREFIX)}
+    backbone_keys = backbone_part(task_keys)
     return Weights(
         path=path, format="Lightning task checkpoint", state_dict=task_keys, scope="task",
         deploy=_recorded_deploy(meta, backbone_keys or task_keys),
@@ -138,7 +142,7 @@ BACKBONE_FILE = WeightFormat("this project's backbone file", _is_backbone_file, 
 def _read_state_dict(state_dict: dict[str, Tensor], meta: dict[str, Any], path: str) -> Weights:
     keys = strip_prefix(state_dict)  # DDP's module.
     task = any(k.startswith(BACKBONE_PREFIX) for k in keys)
-    backbone = {k[len(BACKBONE_PREFIX):]: v for k, v in keys.items() if k.startswith(BACKBONE_PREFIX)} if task else keys
+    backbone = backbone_part(keys) if task else keys
     return Weights(path=path, format="state dict", state_dict=keys, scope="task" if task else "backbone",
                    deploy=inferred_deploy(backbone))
 

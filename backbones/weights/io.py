@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "BACKBONE_PREFIX",
     "TASK_PREFIXES",
     "load_state_dict_file",
     "is_safetensors_file",
@@ -41,8 +42,10 @@ __all__ = [
 PathLike = str | os.PathLike
 Mode = Literal["train", "deploy", "unknown"]
 
-# Where training frameworks nest a backbone's weights (a LightningModule's attribute name).
-TASK_PREFIXES = ("backbone.", "model.")
+# Where training frameworks nest a backbone's weights (a LightningModule's attribute name);
+# this project's tasks keep theirs under BACKBONE_PREFIX.
+BACKBONE_PREFIX = "backbone."
+TASK_PREFIXES = (BACKBONE_PREFIX, "model.")
 # Top-level keys that hold the state dict in common checkpoint containers, in order of preference.
 _CONTAINER_KEYS = ("state_dict", "model")
 _MAX_LISTED = 5

@@ -26,8 +26,9 @@ from typing import Any
 from torch import Tensor
 
 from .formats import WeightFormat, Weights
+from .io import strip_prefix
 
-__all__ = ["FORMAT", "is_mmseg_state_dict", "is_mmseg_checkpoint", "convert_mmseg_state_dict"]
+__all__ = ["FORMAT", "is_mmseg_state_dict", "convert_mmseg_state_dict"]
 
 _STEM = {"0": ("0", "conv"), "1": ("0", "bn"), "3": ("1", "conv"), "4": ("1", "bn"), "6": ("2", "conv"), "7": ("2", "bn")}
 _LEAF = r"(weight|bias|running_mean|running_var|num_batches_tracked)"  # a tensor of a conv or BN itself
@@ -39,16 +40,6 @@ _DOWNSAMPLE_KEY = re.compile(rf"^backbone\.(layer\d+\.\d+)\.downsample\.([01])\.
 def is_mmseg_state_dict(state_dict: Mapping[str, Any]) -> bool:
     """True for mmseg's ResNet layout (``backbone.layer1.0.bn1.weight`` or a bare conv stem)."""
     return any(_BLOCK_KEY.match(k) or _STEM_KEY.match(k) for k in state_dict)
-
-
-def is_mmseg_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
-    """An mmseg/mmengine checkpoint: a ``state_dict`` in mmseg's layout, no Lightning version."""
-    state_dict = checkpoint.get("state_dict")
-    return (
-        isinstance(state_dict, Mapping)
-        and "pytorch-lightning_version" not in checkpoint
-        and is_mmseg_state_dict(state_dict)
-    )
 
 
 def _rename(key: str) -> str:
@@ -73,15 +64,11 @@ def convert_mmseg_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tens
 
     A ``module.`` prefix (DDP) is removed first. Keys outside the backbone pass unchanged.
     """
-    out = {}
-    for key, value in state_dict.items():
-        key = key[len("module."):] if key.startswith("module.") else key
-        out[_rename(key)] = value
-    return out
+    return {_rename(key): value for key, value in strip_prefix(state_dict).items()}
 
 
 def _is_mmseg(state_dict: Mapping[str, Tensor], meta: Mapping[str, Any]) -> bool:
-    return "pytorch-lightning_version" not in meta and is_mmseg_state_dict(state_dict)
+    return is_mmseg_state_dict(state_dict)  # tried after this project's own (Lightning) checkpoints
 
 
 def _read_mmseg(state_dict: dict[str, Tensor], meta: dict[str, Any], path: str) -> Weights:

@@ -26,13 +26,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 import yaml
 from pytorch_lightning import Trainer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from backbones import input_size
+from backbones.weights.io import read_torch_file
 from callbacks.reparam import ReparamCallback
 
 from . import adapter
@@ -221,7 +221,7 @@ class TaskCLI(LightningCLI):
                 # Lightning's CSVLogger would delete the run's metrics.csv: keep the rows logged before
                 # the checkpoint instead (the resumed run logs the later ones again)
                 logger.class_path = f"{CheckpointedCSVLogger.__module__}.{CheckpointedCSVLogger.__name__}"
-                init["resume_step"] = int(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+                init["resume_step"] = int(read_torch_file(str(last))["global_step"])
         print(f"resuming from {last}")
 
 

@@ -163,7 +163,7 @@ class PendingRow:
     logs it after the epoch-end checkpoint too) and values logged in the task's own
     ``on_train_batch_end`` (after the checkpoint callbacks ran); the tasks log their training
     values per step, in ``training_step``.
-    ``tests/tasks/test_pending_row.py`` checks these rules against the rows Lightning logs.
+    ``tests/tasks/test_csv_logger.py`` checks these rules against the rows Lightning logs.
     """
 
     def __init__(self) -> None:

@@ -15,7 +15,7 @@ from backbones.deploy.cpu_fusion import FusedConvAct
 from backbones.layers.convbn import ConvBN
 from backbones.reparam.walker import max_relative_error
 from backbones.weights import read_weights
-from backbones.weights.mmseg import convert_mmseg_state_dict, is_mmseg_checkpoint, is_mmseg_state_dict
+from backbones.weights.mmseg import convert_mmseg_state_dict, is_mmseg_state_dict
 from tasks.heads.decode import FCNHead, PSPHead
 from tasks.metrics.segmentation import SegmentationIoU, iou_from_confusion
 from tasks.segmentation import SegmentationTask
@@ -91,8 +91,6 @@ def test_mmseg_pspnet_checkpoint_loads_into_the_baseline(tmp_path):
     assert "backbone.stem.4.running_mean" in mmseg and "backbone.layer1.0.bn2.weight" in mmseg
     assert "backbone.layer1.0.downsample.1.weight" in mmseg and "decode_head.conv_seg.weight" in mmseg
     assert is_mmseg_state_dict(mmseg) and not is_mmseg_state_dict(ours)
-    assert is_mmseg_checkpoint({"meta": {}, "state_dict": mmseg})
-    assert not is_mmseg_checkpoint({"state_dict": mmseg, "pytorch-lightning_version": "2.6"})
     converted = convert_mmseg_state_dict({f"module.{k}": v for k, v in mmseg.items()})
     assert converted.keys() == ours.keys()
     fresh = _task(backbone="resnet_tiny_d8")

@@ -36,7 +36,7 @@ from backbones.complexity import count_macs, count_params
 from backbones.models.registry import model_input_size
 from backbones.weights import Weights, read_weights, weights_of_checkpoint
 from backbones.reparam.walker import max_relative_error
-from backbones.weights.io import check_fits, listing
+from backbones.weights.io import check_fits, listing, load_into
 from tasks.lightning.csv_logger import CheckpointedCSVLogger, PendingRow
 from tasks.lightning.rng_state import rng_state, set_rng_state
 
@@ -231,15 +231,13 @@ class ReparamTask(pl.LightningModule):
         if match == "matching":
             note = self._load_matching(weights)
         elif weights.scope == "backbone" and self.trainer_stage() == "fit":
-            hints = self._kwargs_hints(weights)
-            check_fits(self.backbone, weights.backbone_state_dict(), weights.path, self.backbone_name,
-                       checkpoint_arch=weights.arch, hints=hints)
-            self.backbone.load_state_dict(weights.backbone_state_dict(), strict=True)
+            load_into(self.backbone, weights.backbone_state_dict(), weights.path, self.backbone_name,
+                      checkpoint_arch=weights.arch, hints=self._kwargs_hints(weights))
             heads = self._heads_outside(weights)
             note = f"the backbone; {', '.join(heads)} start(s) initialized" if heads else "the whole task"
         else:
-            self.check_fits(weights)
-            self.load_state_dict(weights.task_state_dict(), strict=True)
+            load_into(self, weights.task_state_dict(), weights.path, self.backbone_name,
+                      checkpoint_arch=weights.arch, hints=self._task_hints(weights))
             note = "every tensor of the task"
         self._weights_loaded = True
         print(f"weights {weights.path}: {weights.describe()}: loaded {note}")
@@ -293,16 +291,19 @@ class ReparamTask(pl.LightningModule):
         self.adapt_heads(weights)
         self.reparam_info = weights.extra.get("reparam") if weights.deploy else None
 
-    def check_fits(self, weights: Weights) -> None:
-        """Raise one error that says why ``weights`` do not load strictly into the whole task."""
-        state = weights.task_state_dict()
-        hints = self.mismatch_hints(state)
+    def _task_hints(self, weights: Weights) -> list[str]:
+        """Why ``weights`` may not fit the whole task: the task's own hints, missing heads, arguments."""
+        hints = self.mismatch_hints(weights.task_state_dict())
         heads = self._heads_outside(weights) if weights.scope == "backbone" else []
         if heads:
             hints.insert(0, f"a backbone file holds the backbone alone, and this task also needs its "
                             f"{', '.join(heads)}: test the run's deploy.ckpt (the whole task) instead")
-        hints += self._kwargs_hints(weights)
-        check_fits(self, state, weights.path, self.backbone_name, checkpoint_arch=weights.arch, hints=hints)
+        return hints + self._kwargs_hints(weights)
+
+    def check_fits(self, weights: Weights) -> None:
+        """Raise one error that says why ``weights`` do not load strictly into the whole task."""
+        check_fits(self, weights.task_state_dict(), weights.path, self.backbone_name,
+                   checkpoint_arch=weights.arch, hints=self._task_hints(weights))
 
     def attached_trainer(self) -> Optional[pl.Trainer]:
         """The Trainer running this task, None outside one (e.g. :meth:`load_weights` from a script)."""

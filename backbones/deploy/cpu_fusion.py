@@ -108,12 +108,12 @@ class FusedRepMLPLight(RepMLPLight):
         return _tail(self.conv3, out, self.relu, self.shortcut(x))
 
 
-# residual block class → (its fused counterpart, the name of its last conv unit)
-FUSED_BLOCKS: dict[type[nn.Module], tuple[type[nn.Module], str]] = {
-    Bottleneck: (FusedBottleneck, "conv3"),
-    BasicBlock: (FusedBasicBlock, "conv2"),
-    RepMLPBottleneck: (FusedRepMLPBottleneck, "conv5"),
-    RepMLPLight: (FusedRepMLPLight, "conv3"),
+# residual block class → its fused counterpart (the block names its last conv unit: ``last_unit``)
+FUSED_BLOCKS: dict[type[nn.Module], type[nn.Module]] = {
+    Bottleneck: FusedBottleneck,
+    BasicBlock: FusedBasicBlock,
+    RepMLPBottleneck: FusedRepMLPBottleneck,
+    RepMLPLight: FusedRepMLPLight,
 }
 
 
@@ -125,11 +125,10 @@ def fuse_for_cpu(model: nn.Module) -> nn.Module:
     """
     for module in list(model.modules()):
         _fuse_unit(module)
-        fused = FUSED_BLOCKS.get(type(module))  # exact type: a subclass may have its own forward
-        if fused is None or not getattr(module, "deploy", False):
+        counterpart = FUSED_BLOCKS.get(type(module))  # exact type: a subclass may have its own forward
+        if counterpart is None or not getattr(module, "deploy", False):
             continue
-        counterpart, last = fused
-        tail = getattr(module, last)
+        tail = getattr(module, module.last_unit)
         if _deploy_conv(tail) is not None and isinstance(tail.act, nn.Identity):
             module.__class__ = counterpart
     return model

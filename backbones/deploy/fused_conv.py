@@ -43,9 +43,8 @@ except ImportError:  # pragma: no cover - a torch without it: treat a mode as ac
 
 _AVAILABLE = _POINTWISE is not None and torch.backends.mkldnn.is_available()
 _enabled = True
-# The fused kernel costs a fixed ~25 µs per call against ~9 µs for the plain conv; from outputs of
-# about this many elements on, the reorder and the passes it saves repay that (measured on a
-# 2-core Xeon, torch 2.13: 2x64x8x8 runs 35 µs fused vs 63 µs plain, 1x16x8x8 29 vs 14-20).
+# The fused kernel has a larger fixed cost per call than the plain conv; from outputs of about this
+# many elements on, the reorder and the passes it saves repay it (figures: README, Performance).
 MIN_FUSED_OUTPUT = 1 << 12
 # conv -> ((weight storage, weight version), its weight in oneDNN's blocked layout)
 _PACKED: "weakref.WeakKeyDictionary[nn.Conv2d, tuple[tuple[int, int], Tensor]]" = weakref.WeakKeyDictionary()

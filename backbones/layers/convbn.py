@@ -9,7 +9,6 @@ from ..reparam.block import ReparamBlock, assign_parameter
 from ..reparam.math import fuse_bn
 from .helpers import to_pair
 
-
 class ConvBN(ReparamBlock):
     """``act(bn(conv(x)))``; deploy form ``act(conv'(x))`` with the BN folded into a biased conv.
 
@@ -65,3 +64,10 @@ class ConvBN(ReparamBlock):
         if self.deploy:
             return self.act(self.conv(x))
         return self.act(self.bn(self.conv(x)))
+
+
+def conv_shortcut(in_channels: int, out_channels: int, stride: int = 1, deploy: bool = False) -> nn.Module:
+    """A residual block's shortcut: identity when the shape is kept, else a 1x1 ConvBN of that stride."""
+    if stride != 1 or in_channels != out_channels:
+        return ConvBN(in_channels, out_channels, 1, stride, deploy=deploy)
+    return nn.Identity()

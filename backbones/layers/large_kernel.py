@@ -43,9 +43,9 @@ class ReparamLargeKernelConv(MergedConvBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type == "cpu" and self.kernel_size >= SLOW_NCHW_KERNEL and self.groups == self.in_channels:
-            # torch's NCHW CPU path for depthwise kernels of 15 and more is a fallback 40-50x slower
-            # than its channels_last one (31x31, 8x128x28x28: 230 ms vs 4.5 ms); the output stays
-            # channels_last, so the layers after it run in that layout too
+            # torch's NCHW CPU path for depthwise kernels of 15 and more is a slow fallback (README,
+            # Performance: RepLKNet on CPU); the output stays channels_last, so the layers after it
+            # run in that layout too
             x = x.contiguous(memory_format=torch.channels_last)
         return super().forward(x)
 

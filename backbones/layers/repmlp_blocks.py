@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..reparam.block import ReparamBlock
-from .convbn import ConvBN
+from .convbn import ConvBN, conv_shortcut
 from .repmlp import Kernels, RepMLP
 
 
@@ -40,18 +40,14 @@ def _check_cfg(block: str, mlp: object) -> None:
         raise TypeError(f"{block}: mlp must be a RepMLPCfg, e.g. RepMLPCfg(partition=7, groups=8), got {mlp!r}")
 
 
-def _shortcut(in_channels: int, out_channels: int, deploy: bool) -> nn.Module:
-    if in_channels == out_channels:
-        return nn.Identity()
-    return ConvBN(in_channels, out_channels, 1, deploy=deploy)
-
-
 class RepMLPBottleneck(ReparamBlock):
     """1x1 → 3x3 (reduce by r) → RepMLP → ReLU → 3x3 (expand) → 1x1, plus shortcut, then ReLU.
 
     The RepMLP block (``mlp``, for ``input_size`` maps) works on ``mid_channels // r`` channels,
     which keeps its FC small; ``dilation`` is that of the two 3x3 convs.
     """
+
+    last_unit = "conv5"  # the conv unit before the shortcut add (zero-initialized; fused with the add at deploy)
 
     def __init__(
         self, in_channels: int, mid_channels: int, out_channels: int, input_size: int | tuple[int, int],
@@ -68,7 +64,7 @@ class RepMLPBottleneck(ReparamBlock):
         self.repmlp = mlp.build(inner, input_size, deploy)
         self.conv4 = ConvBN(inner, mid_channels, 3, dilation=dilation, act=True, deploy=deploy)
         self.conv5 = ConvBN(mid_channels, out_channels, 1, deploy=deploy)
-        self.shortcut = _shortcut(in_channels, out_channels, deploy)
+        self.shortcut = conv_shortcut(in_channels, out_channels, deploy=deploy)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -81,6 +77,8 @@ class RepMLPLight(ReparamBlock):
     """1x1 (to ``mid_channels``, the paper uses channels // 8) → RepMLP (``mlp``, for ``input_size``
     maps) → ReLU → 1x1, plus shortcut, then ReLU."""
 
+    last_unit = "conv3"  # the conv unit before the shortcut add (zero-initialized; fused with the add at deploy)
+
     def __init__(
         self, in_channels: int, mid_channels: int, out_channels: int, input_size: int | tuple[int, int],
         mlp: RepMLPCfg, deploy: bool = False,
@@ -91,7 +89,7 @@ class RepMLPLight(ReparamBlock):
         self.conv1 = ConvBN(in_channels, mid_channels, 1, act=True, deploy=deploy)
         self.repmlp = mlp.build(mid_channels, input_size, deploy)
         self.conv3 = ConvBN(mid_channels, out_channels, 1, deploy=deploy)
-        self.shortcut = _shortcut(in_channels, out_channels, deploy)
+        self.shortcut = conv_shortcut(in_channels, out_channels, deploy=deploy)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:

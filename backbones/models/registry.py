@@ -107,11 +107,10 @@ def input_size(name: str, **kwargs: Any) -> tuple[int, int]:
     img_size = kwargs.get("img_size")
     if img_size is None:
         return default
-    pair = (img_size, img_size) if isinstance(img_size, int) else img_size
-    if not (isinstance(pair, (list, tuple)) and len(pair) == 2
-            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in pair)):
+    pair = isinstance(img_size, (list, tuple)) and len(img_size) == 2
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in (img_size if pair else [img_size])):
         raise ValueError(f"{name}: img_size must be a positive int or a pair [H, W] of them, got {img_size!r}")
-    return (pair[0], pair[1])
+    return to_pair(img_size)
 
 
 def model_input_size(model: nn.Module, name: str = "the model", default: int | None = None) -> tuple[int, int]:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..layers.classifier import PooledClassifier
 from ..layers.conv_types import ConvType, make_conv
-from ..layers.convbn import ConvBN
+from ..layers.convbn import ConvBN, conv_shortcut
 from ..layers.geometry import ConvGeometry
 from ..layers.helpers import to_pair
 from ..layers.init import zero_init_output_norms
@@ -53,17 +53,13 @@ def _check_partition_fits(img_size: Size, stage_sizes: list[Size], stages: Seque
             )
 
 
-def _shortcut(in_channels: int, out_channels: int, stride: int, deploy: bool) -> nn.Module:
-    if stride != 1 or in_channels != out_channels:
-        return ConvBN(in_channels, out_channels, 1, stride, deploy=deploy)
-    return nn.Identity()
-
-
 class Bottleneck(ReparamBlock):
     """1x1 → 3x3 (stride, dilation; a ``conv_type`` conv) → 1x1, plus shortcut, then ReLU.
 
     ``(N, in_channels, H, W)`` → ``(N, out_channels, ceil(H/stride), ceil(W/stride))``.
     """
+
+    last_unit = "conv3"  # the conv unit before the shortcut add (zero-initialized; fused with the add at deploy)
 
     def __init__(
         self,
@@ -81,7 +77,7 @@ class Bottleneck(ReparamBlock):
         self.conv2 = make_conv(conv_type, mid_channels, mid_channels, ConvGeometry(3, stride, dilation=dilation),
                                act=True, deploy=deploy)
         self.conv3 = ConvBN(mid_channels, out_channels, 1, deploy=deploy)
-        self.shortcut = _shortcut(in_channels, out_channels, stride, deploy)
+        self.shortcut = conv_shortcut(in_channels, out_channels, stride, deploy)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -94,6 +90,8 @@ class BasicBlock(ReparamBlock):
 
     ``(N, in_channels, H, W)`` → ``(N, out_channels, ceil(H/stride), ceil(W/stride))``.
     """
+
+    last_unit = "conv2"  # the conv unit before the shortcut add (zero-initialized; fused with the add at deploy)
 
     def __init__(
         self,
@@ -110,7 +108,7 @@ class BasicBlock(ReparamBlock):
                                act=True, deploy=deploy)
         self.conv2 = make_conv(conv_type, out_channels, out_channels, ConvGeometry(3, dilation=dilation),
                                deploy=deploy)
-        self.shortcut = _shortcut(in_channels, out_channels, stride, deploy)
+        self.shortcut = conv_shortcut(in_channels, out_channels, stride, deploy)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -237,10 +235,8 @@ class ResNet(PooledClassifier):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         if zero_init_last and not self.deploy:
             for m in self.modules():
-                last = {Bottleneck: "conv3", BasicBlock: "conv2", RepMLPBottleneck: "conv5",
-                        RepMLPLight: "conv3"}.get(type(m))
-                if last is not None:
-                    zero_init_output_norms(getattr(m, last))
+                if isinstance(m, (Bottleneck, BasicBlock, RepMLPBottleneck, RepMLPLight)):
+                    zero_init_output_norms(getattr(m, m.last_unit))
 
     @property
     def stages(self) -> list[nn.Sequential]:

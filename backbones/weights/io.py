@@ -321,9 +321,11 @@ def load_into(
     source: str,
     arch: str,
     checkpoint_arch: Optional[str] = None,
+    hints: Iterable[str] = (),
 ) -> nn.Module:
-    """Load ``state_dict`` into ``model`` strictly, or raise :func:`check_fits`'s error. Returns ``model``."""
-    check_fits(model, state_dict, source, arch, checkpoint_arch)
+    """Load ``state_dict`` into ``model`` strictly, or raise :func:`check_fits`'s error (with the
+    caller's ``hints``). Returns ``model``."""
+    check_fits(model, state_dict, source, arch, checkpoint_arch, hints)
     model.load_state_dict(dict(state_dict), strict=True)
     return model
 

@@ -15,7 +15,7 @@ from backbones.layers.convbn import ConvBN
 from backbones.layers.merged_conv import MergedConvBlock
 
 MODELS = ["resnet18_tiny", "repmlp_res_tiny", "repmlp_res_light_tiny", "repvgg_a0_tiny", "mobileone_s0_tiny"]
-FUSED_CLASSES = {fused for fused, _ in FUSED_BLOCKS.values()}
+FUSED_CLASSES = set(FUSED_BLOCKS.values())
 
 
 def conv_units(model: nn.Module) -> list[nn.Module]:

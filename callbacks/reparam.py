@@ -20,7 +20,6 @@ The task is left in deploy form: a ``trainer.test()`` after ``trainer.fit()`` te
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Optional
@@ -30,7 +29,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
-from backbones.weights.io import save_deploy_checkpoint
+from backbones.weights.io import atomic_write_json, save_deploy_checkpoint
 
 __all__ = ["ReparamCallback", "ReparamCheckError"]
 
@@ -142,8 +141,7 @@ class ReparamCallback(pl.Callback):
             spec = task.backbone_spec()
             if self.save_safetensors:
                 save_deploy_checkpoint(task.backbone, self.paths["safetensors"], spec["name"], spec["kwargs"])
-            with open(self.paths["json"], "w") as f:
-                json.dump({"task": task.task_name, "backbone": spec, **info, "files": self.paths}, f, indent=2)
+            atomic_write_json(self.paths["json"], {"task": task.task_name, "backbone": spec, **info, "files": self.paths})
             if trainer.logger is not None:
                 trainer.logger.log_metrics(
                     {"reparam/relative_error": info["relative_error"], "reparam/params_deploy": info["params_deploy"]},

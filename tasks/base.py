@@ -36,7 +36,7 @@ from backbones.complexity import count_macs, count_params
 from backbones.models.registry import model_input_size
 from backbones.weights import Weights, read_weights, weights_of_checkpoint
 from backbones.reparam.walker import max_relative_error
-from backbones.weights.io import check_fits, listing, load_into
+from backbones.weights.io import atomic_write_json, check_fits, listing, load_into
 from tasks.lightning.csv_logger import CheckpointedCSVLogger, PendingRow
 from tasks.lightning.rng_state import rng_state, set_rng_state
 
@@ -424,6 +424,5 @@ class ReparamTask(pl.LightningModule):
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, RESULTS_FILE)
-            with open(path, "w") as f:
-                json.dump(_finite(self.results()), f, indent=2, allow_nan=False)
+            atomic_write_json(path, _finite(self.results()))
             print(f"results written to {path}")

@@ -12,9 +12,12 @@
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, Optional
 
@@ -28,6 +31,7 @@ __all__ = [
     "is_safetensors_file",
     "read_torch_file",
     "atomic_write",
+    "atomic_write_json",
     "strip_prefix",
     "select_prefix",
     "state_dict_mode",
@@ -100,11 +104,13 @@ def _read_safetensors(path: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return state_dict, _decode_safetensors_metadata(metadata)
 
 
-def read_torch_file(path: str, map_location: Any = "cpu", weights_only: bool = True) -> Any:
+def read_torch_file(path: str, map_location: Any = "cpu", weights_only: bool = True, mmap: bool = False) -> Any:
     """``torch.load`` whose failures say what is wrong with the file: truncated or corrupt, or
-    holding objects that ``weights_only=True`` refuses (named). Raises ``ValueError``."""
+    holding objects that ``weights_only=True`` refuses (named). Raises ``ValueError``.
+    ``mmap``: map the tensors instead of reading them (for a look at the other entries)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only)
+        mmap = mmap and zipfile.is_zipfile(path)  # torch maps only its zip format, not the legacy one
+        return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
     except Exception as exc:  # truncated zip, bad pickle, refused global, ...
         text = str(exc).strip()
         if "Weights only load failed" in text:
@@ -332,10 +338,17 @@ def load_into(
 
 # --------------------------------------------------------------------------- writing
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then move it into place."""
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then move it into place.
+
+    The temporary files of an earlier save of ``path`` that was killed before its rename
+    (``.NAME.*.tmp``, as large as the file) are removed first."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    prefix = f".{os.path.basename(path)}."
+    for stale in glob.glob(os.path.join(glob.escape(folder), f"{glob.escape(prefix)}*.tmp")):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(stale)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
@@ -347,6 +360,17 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_json(path: str, value: Any) -> None:
+    """Write ``value`` as indented JSON (no NaN or infinity) with :func:`atomic_write`."""
+    text = json.dumps(value, indent=2, allow_nan=False)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+
+    atomic_write(path, write)
 
 
 def _plain_kwargs(model_kwargs: Optional[Mapping[str, Any]]) -> dict[str, Any]:

@@ -21,10 +21,10 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from backbones.weights.io import atomic_write, is_safetensors_file, read_torch_file
 
-__all__ = ["CheckedCheckpointIO"]
+__all__ = ["CheckedCheckpointIO", "is_local_path"]
 
 
-def _is_local(path: Any) -> bool:
+def is_local_path(path: Any) -> bool:
     """A plain path or ``file://`` URL (fsspec, which Lightning reads remote paths with, says which)."""
     return get_protocol(str(path)) == "file"
 
@@ -33,7 +33,7 @@ class CheckedCheckpointIO(TorchCheckpointIO):
     """:class:`TorchCheckpointIO` with atomic local saves and clear load errors (see the module doc)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
-        if not _is_local(path):
+        if not is_local_path(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
@@ -42,7 +42,7 @@ class CheckedCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self, path: Any, map_location: Optional[Callable] = lambda storage, loc: storage, weights_only: Optional[bool] = None,
     ) -> dict[str, Any]:
-        if not _is_local(path):
+        if not is_local_path(path):
             return super().load_checkpoint(path, map_location, weights_only)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint file not found: {path}")

@@ -8,7 +8,10 @@
 - :class:`callbacks.ReparamCallback` is always present (options under ``--reparam.*``);
 - ``seed_everything`` must be an explicit integer; it also seeds the training order and
   augmentation (``data.seed``), so ``--ckpt_path last`` resumes exactly; the config is saved with
-  every run (overwriting the copy of an earlier run in the same folder);
+  every run (a resumed run's over the earlier copy);
+- ``fit --ckpt_path last`` resumes the newest state of the run, whatever Lightning named its file;
+  one process at a time writes a run folder, and a command that fails before training removes the
+  folder it created (:mod:`tasks.lightning.run_folder`);
 - checkpoints are written atomically and an unreadable one is named (:mod:`tasks.lightning.checkpoint_io`);
 - ``fit`` is followed by ``test`` of the converted model (``--test_after_fit false`` to skip);
 - ``--ckpt_path`` is Lightning's: a task checkpoint of this project, to resume or to evaluate,
@@ -32,12 +35,12 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from backbones import input_size
-from backbones.weights.io import read_torch_file
 from callbacks.reparam import ReparamCallback
 
 from . import adapter
-from .checkpoint_io import CheckedCheckpointIO
+from .checkpoint_io import CheckedCheckpointIO, is_local_path
 from .csv_logger import CheckpointedCSVLogger
+from .run_folder import RunLock, newest_state, remove_unused
 
 __all__ = ["TaskCLI", "CONFIG_DIR", "DEFAULT_SEED"]
 
@@ -108,6 +111,9 @@ class TaskCLI(LightningCLI):
         run: run the subcommand (False: only parse and instantiate, for tests).
     """
 
+    _lock: Optional[RunLock] = None
+    _new_folder: Optional[Path] = None  # the run folder this command created, while nothing is in it
+
     def __init__(
         self,
         model_class: type,
@@ -130,17 +136,23 @@ class TaskCLI(LightningCLI):
             for sub in self.subcommands():
                 parser_kwargs.setdefault(sub, {}).setdefault("default_config_files", [str(demo_config)])
         _refuse_linked_data(argv, demo_configs)
-        super().__init__(
-            model_class,
-            datamodule_class,
-            save_config_kwargs={"overwrite": True},
-            seed_everything_default=DEFAULT_SEED,
-            parser_kwargs=parser_kwargs,
-            args=args,
-            run=run,
-            auto_configure_optimizers=False,  # the task configures its optimizer and schedule
-            **kwargs,
-        )
+        try:
+            super().__init__(
+                model_class,
+                datamodule_class,
+                # a resumed run saves its command over the earlier one; RunLock keeps other runs out
+                save_config_kwargs={"overwrite": True},
+                seed_everything_default=DEFAULT_SEED,
+                parser_kwargs=parser_kwargs,
+                args=args,
+                run=run,
+                auto_configure_optimizers=False,  # the task configures its optimizer and schedule
+                **kwargs,
+            )
+        except BaseException:
+            self._end_run(failed=True)
+            raise
+        self._end_run(failed=False)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ReparamCallback, "reparam")
@@ -183,12 +195,14 @@ class TaskCLI(LightningCLI):
             config.model.weights = None
 
     def _resolve_last_checkpoint(self, config: Any) -> None:
-        """``fit --ckpt_path last``: continue the newest run of this config in its own folder.
+        """``fit --ckpt_path last``: continue the newest state of this config's run, in its own folder.
 
         Lightning looks for ``last.ckpt`` only in the *new* run's folder (a fresh ``version_N``), so
-        it would find none and silently start over. Here the newest ``last.ckpt`` among the logger's
-        ``version_*/checkpoints`` (or the ModelCheckpoint's ``dirpath``) is resumed, and the logger
-        writes on into that run's folder; a CSVLogger keeps the rows logged before the checkpoint
+        it would find none and silently start over. Here the state is
+        :func:`~tasks.lightning.run_folder.newest_state` of the logger's ``version_*/checkpoints``
+        (or of the ModelCheckpoint's ``dirpath``): the ``last*.ckpt`` with the highest
+        ``global_step``, ``last-v1.ckpt`` included. The logger writes on into that run's folder;
+        a CSVLogger keeps the rows logged before the checkpoint
         (:class:`~tasks.lightning.csv_logger.CheckpointedCSVLogger`).
         """
         logger = config.trainer.get("logger")
@@ -198,20 +212,18 @@ class TaskCLI(LightningCLI):
                     if hasattr(cb, "init_args") and str(cb.get("class_path", "")).endswith("ModelCheckpoint")]
         fixed = [d for d in dirpaths if d]
         if fixed:
-            candidates = [Path(fixed[0]) / "last.ckpt"]
-            where = f"the ModelCheckpoint dirpath {fixed[0]}"
+            folders, where = [Path(fixed[0])], f"the ModelCheckpoint dirpath {fixed[0]}"
         elif init is not None and init.get("save_dir") is not None:
             run_root = Path(init["save_dir"]) / (init.get("name") or "lightning_logs")
-            candidates = sorted(run_root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-            where = f"{run_root}/version_*/checkpoints"
+            folders, where = [p / "checkpoints" for p in run_root.glob("version_*")], f"{run_root}/version_*/checkpoints"
         else:
             raise ValueError("--ckpt_path last needs a trainer.logger with a save_dir, or a ModelCheckpoint dirpath, "
                              "to find the run to resume; give the checkpoint's path instead")
-        found = [p for p in candidates if p.is_file()]
-        if not found:
+        try:
+            last, step = newest_state(folders)
+        except FileNotFoundError:
             raise FileNotFoundError(f"--ckpt_path last: no last.ckpt in {where}; nothing to resume "
-                                    "(the configs keep the latest state with a ModelCheckpoint of filename: last)")
-        last = found[-1]
+                                    "(the configs keep the latest state with a ModelCheckpoint of filename: last)") from None
         config.ckpt_path = str(last)
         if not fixed and last.parent.parent.name.startswith("version_"):
             init["version"] = last.parent.parent.name.removeprefix("version_")
@@ -221,9 +233,29 @@ class TaskCLI(LightningCLI):
                 # Lightning's CSVLogger would delete the run's metrics.csv: keep the rows logged before
                 # the checkpoint instead (the resumed run logs the later ones again)
                 logger.class_path = f"{CheckpointedCSVLogger.__module__}.{CheckpointedCSVLogger.__name__}"
-                init["resume_step"] = int(read_torch_file(str(last))["global_step"])
-        print(f"resuming from {last}")
+                init["resume_step"] = step
+        print(f"resuming from {last} (global step {step})")
 
+    # ------------------------------------------------------------------ one writer per run
+    def _hold_run_folder(self) -> None:
+        """Rank 0 locks the run folder for the whole command (:class:`~tasks.lightning.run_folder.RunLock`)."""
+        if not self.trainer.is_global_zero or not is_local_path(self.trainer.log_dir):
+            return
+        folder = Path(self.trainer.log_dir)  # a CheckpointedCSVLogger creates a new run's folder here
+        fresh = not (folder.is_dir() and any(folder.iterdir()))
+        cwd = Path.cwd()
+        if fresh and self.trainer.logger is not None and folder.resolve() not in (cwd, *cwd.parents):
+            self._new_folder = folder
+        self._lock = RunLock(folder).acquire()
+
+    before_fit = before_validate = before_test = before_predict = _hold_run_folder
+
+    def _end_run(self, failed: bool) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        if failed and self._new_folder is not None and remove_unused(self._new_folder):
+            print(f"the command failed before training: removed its new run folder {self._new_folder}", file=sys.stderr)
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit") and not self.trainer.interrupted:

@@ -28,12 +28,15 @@ from typing import Any, Optional, Union
 
 import pytorch_lightning as pl
 import torch
+from fsspec.utils import get_protocol
 from pytorch_lightning.core.saving import save_hparams_to_yaml
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
 from backbones.weights.io import atomic_write
+
+from .run_folder import claim_version
 
 __all__ = ["CheckpointedCSVLogger", "MetricsTable", "PendingRow"]
 
@@ -112,10 +115,21 @@ class CheckpointedCSVLogger(CSVLogger):
         resume_step: Optional[int] = None,
     ) -> None:
         super().__init__(save_dir, name=name, version=version, prefix=prefix)
+        self._claimed = version
         self.resume_step = resume_step
         self.metrics_prefix = prefix
         self._table: Optional[MetricsTable] = None
         self._hparams: dict[str, Any] = {}
+
+    @property
+    def version(self) -> Union[int, str]:
+        """The given version, else the one this run claims by creating its folder
+        (:func:`~tasks.lightning.run_folder.claim_version`: two fresh runs never share one). Other
+        ranks than 0 only compute it, as Lightning does; rank 0's folder is the run's."""
+        if self._claimed is None:
+            local = get_protocol(str(self.root_dir)) == "file"
+            self._claimed = claim_version(Path(self.root_dir)) if local and rank_zero_only.rank == 0 else super().version
+        return self._claimed
 
     @property
     @rank_zero_experiment

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from conftest import REPO, assert_failed, assert_ok, read_results, run_task
 
 from datamodules.demo import cityscapes_demo
 from datamodules.seeded_sampler import SampleKey, SeededSampler
+from tasks.lightning.checkpoint_io import CheckedCheckpointIO
+from tasks.lightning.run_folder import RunLock
 
 # Segmentation has every source of randomness: shuffling, random scale/crop/flip/photometric
 # augmentation in persistent workers, and dropout. The latest state is saved every 2 of the 4 steps
@@ -40,6 +43,11 @@ def _name(name: str) -> list[str]:
     return ["--trainer.logger.init_args.name", name]
 
 
+def _fit_args(root: Path) -> list[str]:
+    return ["fit", "-c", str(REPO / "configs" / "segmentation" / "demo.yaml"), "-c", "callbacks.yaml", *FIT[1:],
+            "--data.root", str(root)]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """An uninterrupted fit, and the same fit killed (SIGKILL, workers included) after its first
@@ -48,8 +56,7 @@ def runs(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("resume")
     root = cityscapes_demo(cwd / "data", train_images=8, val_images=2)
     (cwd / "callbacks.yaml").write_text(CALLBACKS)
-    args = ["fit", "-c", str(REPO / "configs" / "segmentation" / "demo.yaml"), "-c", "callbacks.yaml", *FIT[1:],
-            "--data.root", str(root)]
+    args = _fit_args(root)
     assert_ok(run_task("segmentation", *args, *_name("full"), cwd=cwd, demo_root=cwd))
 
     env = {**os.environ, "REPMLP_DEMO_ROOT": str(cwd), "PYTHONPATH": str(REPO)}
@@ -98,6 +105,52 @@ def test_resumed_run_keeps_its_log_as_if_it_had_never_stopped(runs):
     assert rows == _metrics_rows(full)
     assert [r["step"] for r in rows if r["train/loss"]] == [str(s) for s in range(8)]  # steps 0-1 before the kill
     assert [r["epoch"] for r in rows if r["val/mIoU"]] == ["0", "1"]
+
+
+def test_a_moved_run_resumes_its_newest_state_twice(runs, tmp_path):
+    """A moved run folder, resumed with its save folder spelled ``./runs``: Lightning does not take
+    ``last.ckpt`` as its own and writes ``last-v1.ckpt`` beside it. The next ``--ckpt_path last``
+    resumes that newer state, not the stale ``last.ckpt``, and the log holds every epoch once."""
+    cwd, root, full, *_ = runs
+    shutil.copytree(full, tmp_path / "runs" / "moved" / "version_0")
+    shutil.copy(cwd / "callbacks.yaml", tmp_path)
+    again = [*_fit_args(root), *_name("moved"), "--ckpt_path", "last"]
+    first = assert_ok(run_task("segmentation", *again, "--trainer.max_epochs", "3",
+                               "--trainer.logger.init_args.save_dir", "./runs", cwd=tmp_path, demo_root=cwd))
+    run = tmp_path / "runs" / "moved" / "version_0"
+    assert "checkpoints/last.ckpt (global step 8)" in first.stdout
+    steps = {p.name: torch.load(p, weights_only=True)["global_step"] for p in (run / "checkpoints").glob("last*.ckpt")}
+    assert steps == {"last.ckpt": 8, "last-v1.ckpt": 12}  # the fault's precondition: a versioned newer state
+    second = assert_ok(run_task("segmentation", *again, "--trainer.max_epochs", "4", cwd=tmp_path, demo_root=cwd))
+    assert "checkpoints/last-v1.ckpt (global step 12)" in second.stdout
+    assert max(torch.load(p, weights_only=True)["global_step"] for p in (run / "checkpoints").glob("last*.ckpt")) == 16
+    rows = _metrics_rows(run)
+    assert [r["epoch"] for r in rows if r["val/mIoU"]] == ["0", "1", "2", "3"]
+    assert [r["step"] for r in rows if r["train/loss"]] == [str(s) for s in range(16)]
+    assert not (tmp_path / "runs" / "moved" / "version_1").exists()
+
+
+def test_a_second_writer_of_a_run_is_refused_at_once(runs):
+    """A resubmitted job beside its running copy: the second ``fit --ckpt_path last`` fails before
+    touching the run, naming the process that holds it."""
+    cwd, root, _, resumed, *_ = runs
+    before = {p.name: p.read_bytes() for p in resumed.iterdir() if p.is_file()}
+    with RunLock(resumed):
+        proc = run_task("segmentation", *_fit_args(root), *_name("killed"), "--ckpt_path", "last",
+                        "--trainer.max_epochs", "3", cwd=cwd, demo_root=cwd)
+    assert_failed(proc, f"the run folder {Path('runs/killed/version_0')} is in use by pid {os.getpid()} on host")
+    assert {p.name: p.read_bytes() for p in resumed.iterdir() if p.is_file()} == before
+    assert not (cwd / "runs" / "killed" / "version_1").exists()
+
+
+def test_a_command_that_fails_before_training_leaves_no_run_folder(runs, tmp_path):
+    cwd, root, *_ = runs
+    garbage = tmp_path / "weights.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    proc = run_task("segmentation", *_fit_args(root), *_name("failed"), "--model.weights", str(garbage),
+                    cwd=cwd, demo_root=cwd)
+    assert_failed(proc, f"not a readable checkpoint: {garbage}", "removed its new run folder")
+    assert not (cwd / "runs" / "failed").exists() or not any((cwd / "runs" / "failed").iterdir())
 
 
 _KILLER = """
@@ -197,6 +250,8 @@ def test_a_process_killed_while_saving_leaves_a_whole_checkpoint(tmp_path):
         assert torch.equal(state["w"], torch.full((4_000_000,), float(state["i"])))
     # the temporary files of interrupted saves: kills did land mid-write (what makes this test bite)
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".last.ckpt.")]
+    CheckedCheckpointIO().save_checkpoint({"i": -1}, path)  # the next save clears them
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
 # --------------------------------------------------------------------------- the sampler

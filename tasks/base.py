@@ -37,6 +37,7 @@ from backbones.models.registry import model_input_size
 from backbones.weights import Weights, read_weights, weights_of_checkpoint
 from backbones.reparam.walker import max_relative_error
 from backbones.weights.io import atomic_write_json, check_fits, listing, load_into
+from tasks.lightning import adapter
 from tasks.lightning.csv_logger import CheckpointedCSVLogger, PendingRow
 from tasks.lightning.rng_state import rng_state, set_rng_state
 
@@ -326,6 +327,7 @@ class ReparamTask(pl.LightningModule):
             self._resume_log_row = checkpoint.get("pending_log_row")
 
     def on_train_start(self) -> None:
+        adapter.close_restored_epoch(self.trainer)
         # Restored here, after the sanity check (which Lightning runs with the RNGs isolated), so
         # the resumed epoch draws what the uninterrupted run drew after saving the checkpoint.
         if self._resume_rng is not None:

@@ -1,6 +1,6 @@
-"""The two places where the project needs Lightning behaviour that has no public API.
+"""The three places where the project needs Lightning behaviour that has no public API.
 
-Everything else in the project uses Lightning's public API. The two here rely on Lightning
+Everything else in the project uses Lightning's public API. The three here rely on Lightning
 internals, checked by ``tests/tasks/test_lightning_adapter.py`` (which fails with a message naming
 what changed when a Lightning upgrade breaks an assumption; ``setup.py`` bounds the version):
 
@@ -17,6 +17,11 @@ what changed when a Lightning upgrade breaks an assumption; ``setup.py`` bounds 
   :class:`tasks.lightning.cli.TaskCLI` takes ``ckpt_path`` out of the parsed config in
   ``parse_arguments`` and puts it back in ``before_instantiate_classes`` (both public hooks), before
   Lightning uses it for the subcommand.
+- :func:`close_restored_epoch`: works around a fit-loop defect (Lightning 2.6). Resumed from a
+  checkpoint saved at the last batch of an epoch, ``FitLoop.reset`` closes that epoch but leaves the
+  loop "restarted mid-epoch", so the next epoch is never counted as started (and its
+  ``on_train_epoch_start`` hooks are skipped); a checkpoint saved during that epoch records it as
+  not begun, and resuming from it trains the epoch again. Called from the task's ``on_train_start``.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-__all__ = ["batches_done", "hold_ckpt_path", "release_ckpt_path"]
+__all__ = ["batches_done", "close_restored_epoch", "hold_ckpt_path", "release_ckpt_path"]
 
 _HELD = "_adapter_held_ckpt_path"
 
@@ -50,3 +55,12 @@ def release_ckpt_path(cli: Any) -> None:
     if hasattr(cli, _HELD):
         cli.config[cli.config.subcommand].ckpt_path = getattr(cli, _HELD)
         delattr(cli, _HELD)
+
+
+def close_restored_epoch(trainer: pl.Trainer) -> None:
+    """At ``on_train_start``: if the restored epoch is already closed (its last batch was done),
+    leave the "restarted mid-epoch" stage so the next epoch starts as a new one (see the module doc)."""
+    loop = trainer.fit_loop
+    progress = loop.epoch_progress.current
+    if loop.restarted_mid_epoch and progress.started == progress.processed:
+        loop.reset_restart_stage()

@@ -92,3 +92,46 @@ def test_lightningcli_still_takes_model_arguments_from_a_checkpoint_between_pars
         "(and its use in TaskCLI) may be unnecessary or in the wrong place")
     assert _parsed(_HoldingCLI, ckpt) == (4, str(ckpt)), (
         "holding ckpt_path through parse_arguments no longer keeps the config's model arguments")
+
+
+class _SaveAt(pl.Callback):
+    """Saves the full training state at one global step (ModelCheckpoint's place in the hooks)."""
+
+    def __init__(self, path, step: int) -> None:
+        self.path, self.step = path, step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+class _Closing(_Tiny):
+    def on_train_start(self) -> None:
+        adapter.close_restored_epoch(self.trainer)
+
+
+def _resume_twice(tmp_path, model_class: type) -> tuple[int, int]:
+    """Three batches an epoch: fit one epoch (state at its last batch), resume for a second epoch
+    (state after its first batch), resume from that: ``(global_step, epochs trained)`` at the end."""
+    def fit(ckpt, save_at):
+        model = model_class()
+        epochs = []
+        model.on_train_epoch_end = lambda: epochs.append(model.trainer.current_epoch)
+        trainer = pl.Trainer(max_epochs=2 if ckpt else 1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                             callbacks=[_SaveAt(tmp_path / f"at{save_at}.ckpt", save_at)] if save_at else [])
+        trainer.fit(model, ckpt_path=ckpt)
+        return trainer.global_step, epochs
+
+    fit(None, 3)
+    fit(tmp_path / "at3.ckpt", 4)
+    return fit(tmp_path / "at4.ckpt", None)
+
+
+def test_a_state_saved_after_resuming_at_an_epoch_end_resumes_without_repeating_the_epoch(tmp_path):
+    step, epochs = _resume_twice(tmp_path / "plain", _Tiny)
+    assert (step, epochs) == (7, [1]), (
+        f"Lightning {pl.__version__} changed how it resumes a run that was itself resumed at an epoch end "
+        f"(got global_step {step}, epochs {epochs}; 2.6 trains the second epoch again: 7, [1]); if it now ends "
+        "at step 6, the defect is fixed: remove tasks.lightning.adapter.close_restored_epoch")
+    assert _resume_twice(tmp_path / "closing", _Closing) == (6, [1])

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from backbones.weights.io import atomic_write_json
 from tasks.lightning import run_folder
+from tasks.lightning.cli import CONFIG_DIR
 from tasks.lightning.csv_logger import CheckpointedCSVLogger
 from tasks.lightning.run_folder import RunLock, RunLockedError, claim_version, newest_state, remove_unused
 
@@ -113,6 +115,18 @@ def test_ckpt_path_last_reads_the_state_safely_and_names_it(tmp_path, monkeypatc
     assert "not a readable checkpoint: runs/r/version_0/checkpoints/last" in str(info.value)
     assert "weights_only=False" not in str(info.value)
     assert not _Hostile.marker.exists()
+
+
+@pytest.mark.parametrize("config", sorted(CONFIG_DIR.glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_the_configs_keep_one_latest_state_file(config):
+    """Lightning names a state ``last-v1.ckpt`` when it finds a ``last.ckpt`` it did not write itself
+    (a moved run); the configs' latest-state checkpoint keeps one name."""
+    document = yaml.safe_load(config.read_text())
+    trainer = document.get("trainer", document) if config.name.endswith("_trainer.yaml") else document.get("trainer")
+    callbacks = trainer.get("callbacks") or [] if isinstance(trainer, dict) else []  # a str: a file tested on its own
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+        if callback["class_path"].endswith("ModelCheckpoint") and callback["init_args"].get("filename") == "last":
+            assert callback["init_args"].get("enable_version_counter") is False
 
 
 # --------------------------------------------------------------------------- the lock

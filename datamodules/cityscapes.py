@@ -522,6 +522,7 @@ class CityscapesDataModule(SplitDataModule):
 
     def _check_arguments(self) -> None:
         # Checked now, not in a worker mid-epoch.
+        self._check_loader_settings()
         lo, hi = self.ratio_range
         if not 0 < lo <= hi:
             raise ValueError(f"data.ratio_range must satisfy 0 < low <= high, got {self.ratio_range}")

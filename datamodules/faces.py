@@ -102,7 +102,7 @@ class FaceDataModule(SplitDataModule):
         self.val_sets = list(val_sets)
         self.image_size = image_hw(image_size)
         self.batch_size = batch_size
-        self.val_batch_size = val_batch_size or batch_size
+        self.val_batch_size = batch_size if val_batch_size is None else val_batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
@@ -114,6 +114,7 @@ class FaceDataModule(SplitDataModule):
         self._sets_error: Optional[FileNotFoundError] = None
         self.datasets: dict[str, Dataset] = {}
         self.eval_sets: dict[str, list[VerificationPairs]] = {}
+        self._check_loader_settings()
 
     # ------------------------------------------------------------------ layout
     @property

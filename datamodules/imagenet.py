@@ -117,6 +117,7 @@ class ImageNetDataModule(SplitDataModule):
         self.seed = seed
         self._classes: Optional[list[str]] = None
         self.datasets: dict[str, Dataset] = {}
+        self._check_loader_settings()
         eval_transform(self.image_size, val_crop_ratio)  # validate the arguments now, not mid-run
 
     # ------------------------------------------------------------------ layout

@@ -48,7 +48,7 @@ class SplitDataModule(pl.LightningDataModule):
     """Loaders over ``self.datasets`` (``train``, ``val``, ``test``, ``predict``), filled by ``setup``.
 
     Subclasses set ``seed``, ``batch_size``, ``val_batch_size``, ``num_workers``, ``pin_memory``
-    and ``persistent_workers``.
+    and ``persistent_workers``, then call :meth:`_check_loader_settings` in their constructor.
     """
 
     datasets: dict[str, Dataset]
@@ -60,6 +60,15 @@ class SplitDataModule(pl.LightningDataModule):
     persistent_workers: bool
 
     _resume: Optional[dict[str, int]] = None  # training position of a checkpoint being resumed
+
+    def _check_loader_settings(self) -> None:
+        """Raise ValueError naming the ``data.`` option when a batch size is below 1 or
+        ``num_workers`` below 0: checked at construction, where DataLoader's own error would
+        come at the first batch and name no option."""
+        for name, least in (("batch_size", 1), ("val_batch_size", 1), ("num_workers", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"data.{name} must be an integer >= {least}, got {value!r}")
 
     def state_dict(self) -> dict[str, int]:
         """The training position, saved in every checkpoint: the epoch, the batches of it done, and

@@ -20,14 +20,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset
 
-from .demo_faces import face_demo
+from .demo_faces import FACE_DEMO_VERSION, face_demo
 from .image_folder import ImageFolder, ImageList, SeedPerStepCompose, find_classes, image_hw, list_images, list_samples
 from .recordio import FaceRecordDataset, read_property
 from .split_loaders import SplitDataModule
@@ -76,6 +76,10 @@ class FaceDataModule(SplitDataModule):
         seed: seed of the training order and augmentation, a function of ``(seed, epoch)``
             (:class:`SeededSampler`); the CLI sets it to ``seed_everything``.
     """
+
+    data_kind = "face_verification"
+    demo = (face_demo, FACE_DEMO_VERSION)
+    test_split = "val"  # the test stage evaluates the verification sets that validation does
 
     def __init__(
         self,
@@ -153,6 +157,10 @@ class FaceDataModule(SplitDataModule):
             if missing and self._sets:
                 log.info("verification sets not found under %s, skipped: %s", self.data_root, ", ".join(missing))
         return list(self._sets)
+
+    def describe(self) -> dict[str, Any]:
+        """:meth:`SplitDataModule.describe` with the verification ``sets`` the test stage evaluates."""
+        return {**super().describe(), "sets": self.verification_sets}
 
     def prepare_data(self) -> None:
         self.data_root  # generates the demo set once, on one process per node

@@ -45,6 +45,10 @@ PERCENT_METRICS = {"test/top1": "top-1 (%)", "test/mIoU": "mIoU (%)", "test/acc"
 DATA_NOT_IDENTITY = ("image_size",)
 
 
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -54,8 +58,7 @@ def _metrics(value: Any) -> bool:  # null: a metric that was NaN (e.g. mIoU of a
 
 
 def _size(value: Any) -> bool:
-    return (isinstance(value, list) and len(value) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value))
+    return isinstance(value, list) and len(value) == 2 and all(_integer(v) and v > 0 for v in value)
 
 
 def _reparam(value: Any) -> bool:
@@ -67,7 +70,7 @@ FIELDS = {
     "task": (True, lambda v: isinstance(v, str), "a string"),
     "backbone": (True, lambda v: isinstance(v, str), "a string"),
     "metrics": (True, _metrics, "an object of numbers (or null) by metric name"),
-    "params": (True, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "params": (True, _integer, "an integer"),
     "flops": (True, _number, "a number"),
     "input_size": (True, _size, "a list of two positive integers"),
     "hparams": (True, lambda v: isinstance(v, dict), "an object"),

@@ -174,7 +174,7 @@ def check_comparable(runs: Sequence[Run], allow_different_data: bool = False) ->
     """Refuse (CompareError naming both results files and the field) runs of different tasks, runs
     ranked by different primary metrics, and, unless ``allow_different_data``, runs whose data
     records differ in anything but :data:`DATA_NOT_IDENTITY` or that have no data record.
-    Returns whether the runs' data differ (only possible with ``allow_different_data``)."""
+    Returns whether the runs' data differ or go unrecorded (only possible with ``allow_different_data``)."""
     tasks = sorted({r.task for r in runs})
     if len(tasks) > 1:
         by_task = "; ".join(f"{t}: {', '.join(str(r.path) for r in runs if r.task == t)}" for t in tasks)

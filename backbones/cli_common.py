@@ -2,13 +2,32 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
-__all__ = ["CLI_ERRORS", "parse_model_kwargs", "report_cli_error"]
+__all__ = ["CLI_ERRORS", "check_destination", "parse_model_kwargs", "report_cli_error"]
 
 # What the checkpoint command lines turn into "error: ..." and exit status 1 instead of a traceback.
-CLI_ERRORS = (FileNotFoundError, IsADirectoryError, ValueError, KeyError, TypeError)
+CLI_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, ValueError, KeyError, TypeError)
+
+
+def check_destination(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse to write ``dst`` when it is ``src`` (by :func:`os.path.samefile` when both exist,
+    so another spelling or a link is caught; by resolved path otherwise), or when it exists and
+    ``overwrite`` is false.
+
+    Raises:
+        ValueError: ``dst`` is the source (never allowed: a failed write would lose the input).
+        FileExistsError: ``dst`` exists and ``overwrite`` is false.
+    """
+    same = (os.path.samefile(src, dst) if os.path.exists(src) and os.path.exists(dst)
+            else Path(src).resolve() == Path(dst).resolve())
+    if same:
+        raise ValueError(f"the destination {dst} is the source {src}; write the output to another file")
+    if os.path.lexists(dst) and not overwrite:
+        raise FileExistsError(f"the destination {dst} already exists; pass --overwrite (overwrite=True) to replace it")
 
 
 def parse_model_kwargs(text: str) -> dict[str, Any]:

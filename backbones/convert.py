@@ -2,10 +2,10 @@
 
     python -m backbones.convert --arch repmlp_res50_g8_224 train.ckpt deploy.safetensors
 
-Steps: read the checkpoint safely with :func:`backbones.weights.read_weights` (any layout it
-knows: a task checkpoint's backbone, a backbone file, an official RepMLP v1 checkpoint), strip a
-``backbone.``/``model.`` prefix shared by every key (or keep only ``--prefix``),
-build the train-time model and load it strictly, convert it with
+Steps: refuse a destination that is the source, or one that exists (unless ``--overwrite``);
+read the checkpoint safely with :func:`backbones.weights.read_weights` (any layout it knows: a
+task checkpoint's backbone, a backbone file, an official RepMLP v1 checkpoint), strip a
+``backbone.``/``model.`` prefix shared by every key (or keep only ``--prefix``), build the train-time model and load it strictly, convert it with
 :func:`backbones.reparameterize_model`, compare both models in eval mode on a random input of the
 model's ``img_size`` (batch 2, fixed seed), refuse to write if the relative error exceeds the
 tolerance, write the deploy checkpoint atomically and check that it loads strictly into
@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .cli_common import CLI_ERRORS, parse_model_kwargs, report_cli_error
+from .cli_common import CLI_ERRORS, check_destination, parse_model_kwargs, report_cli_error
 from .complexity import count_params, input_channels
 from .models.registry import create, model_input_size
 from .reparam.walker import model_relative_error, reparameterize_model
@@ -77,6 +77,7 @@ def convert_checkpoint(
     seed: int = 0,
     prefix: Optional[str] = None,
     log: Optional[Callable[[str], None]] = None,
+    overwrite: bool = False,
 ) -> float:
     """Convert the train-time checkpoint ``src`` of ``arch`` to a deploy checkpoint ``dst``.
 
@@ -92,16 +93,19 @@ def convert_checkpoint(
         prefix: keep only the keys under this prefix (e.g. ``"backbone."``) instead of stripping
             a shared task prefix automatically.
         log: called with one line per step (the CLI passes ``print``).
+        overwrite: replace an existing ``dst``; without it an existing ``dst`` is refused.
     Returns:
         The max relative error of the deploy model against the train-time model (eval mode).
     Raises:
         FileNotFoundError, ValueError: unreadable input, already-deploy input, wrong arch (the
-            message names the file and arch); :class:`ConversionError` when the error exceeds
-            ``tolerance`` (nothing is written then).
+            message names the file and arch), ``dst`` naming the source file; :class:`ConversionError`
+            when the error exceeds ``tolerance`` (nothing is written then).
+        FileExistsError: ``dst`` exists and ``overwrite`` is false (checked before any work).
         KeyError: unknown arch.
     """
     say = log or (lambda line: None)
     src, dst = os.fspath(src), os.fspath(dst)
+    check_destination(src, dst, overwrite)
     weights = read_weights(src)
     if prefix:
         state_dict = select_prefix(weights.state_dict, prefix)
@@ -170,12 +174,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max relative error accepted (default 1e-4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the check input (default 0)")
     parser.add_argument("--prefix", default=None, help="keep only keys under this prefix, e.g. backbone.")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
     try:
         extra = parse_model_kwargs(args.model_kwargs)
         convert_checkpoint(
             args.arch, args.src, args.dst, num_classes=args.num_classes, model_kwargs=extra,
-            tolerance=args.tolerance, seed=args.seed, prefix=args.prefix, log=print,
+            tolerance=args.tolerance, seed=args.seed, prefix=args.prefix, log=print, overwrite=args.overwrite,
         )
     except CLI_ERRORS as exc:
         return report_cli_error(exc)

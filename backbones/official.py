@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
-from .cli_common import CLI_ERRORS, parse_model_kwargs, report_cli_error
+from .cli_common import CLI_ERRORS, check_destination, parse_model_kwargs, report_cli_error
 from .complexity import count_params
 from .weights.io import save_checkpoint
 from .weights.official_repmlp import OFFICIAL_ARCHS, load_official
@@ -30,8 +30,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("src", help="official checkpoint (.pth/.pt/.safetensors)")
     parser.add_argument("dst", help="output file; .safetensors or torch format by extension")
     parser.add_argument("--model-kwargs", default="{}", help="JSON object of extra constructor arguments")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
     try:
+        check_destination(args.src, args.dst, args.overwrite)
         extra = parse_model_kwargs(args.model_kwargs)
         arch = OFFICIAL_ARCHS.get(args.arch, args.arch)
         model = load_official(args.src, arch, **extra)

@@ -31,7 +31,7 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from torch.utils.data import Dataset
 
-from .demo import cityscapes_demo
+from .demo import CITYSCAPES_DEMO_VERSION, cityscapes_demo
 from .split_loaders import SplitDataModule
 from .image_folder import CorruptImageError, ImageList, SeedPerStepCompose, _ImageDataset, image_hw, list_images, read_image
 from .imagenet import IMAGENET_MEAN, IMAGENET_STD
@@ -483,6 +483,9 @@ class CityscapesDataModule(SplitDataModule):
             (:class:`SeededSampler`); the CLI sets it to ``seed_everything``.
     """
 
+    data_kind = "cityscapes"
+    demo = (cityscapes_demo, CITYSCAPES_DEMO_VERSION)
+
     def __init__(
         self,
         root: Optional[str] = None,
@@ -522,6 +525,7 @@ class CityscapesDataModule(SplitDataModule):
 
     def _check_arguments(self) -> None:
         # Checked now, not in a worker mid-epoch.
+        self._check_loader_settings()
         lo, hi = self.ratio_range
         if not 0 < lo <= hi:
             raise ValueError(f"data.ratio_range must satisfy 0 < low <= high, got {self.ratio_range}")
@@ -551,6 +555,10 @@ class CityscapesDataModule(SplitDataModule):
     @property
     def num_classes(self) -> int:
         return NUM_CLASSES
+
+    def describe(self) -> dict[str, Any]:
+        """:meth:`SplitDataModule.describe` with the ``classes`` (trainId order)."""
+        return {**super().describe(), "classes": self.classes}
 
     @property
     def palette(self) -> list[tuple[int, int, int]]:

@@ -19,27 +19,37 @@ parallel test runs) never see a half-written set.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import cv2
 import numpy as np
 
-__all__ = ["DEMO_ROOT_ENV", "default_demo_root", "classification_demo", "SHAPES", "cityscapes_demo", "street_scene"]
+__all__ = ["DEMO_ROOT_ENV", "default_demo_root", "generator_identity", "classification_demo", "SHAPES", "cityscapes_demo",
+           "street_scene", "CLASSIFICATION_DEMO_VERSION", "CITYSCAPES_DEMO_VERSION"]
 
 DEMO_ROOT_ENV = "REPMLP_DEMO_ROOT"
 _COMPLETE = ".complete"
 # Bump when the generator changes, so a cached set from an older version is not reused.
-_CLASSIFICATION_VERSION = 2
-_CITYSCAPES_VERSION = 1
+CLASSIFICATION_DEMO_VERSION = 2
+CITYSCAPES_DEMO_VERSION = 1
 
 
 def default_demo_root() -> Path:
     return Path(os.environ.get(DEMO_ROOT_ENV) or Path.home() / ".cache" / "repmlp-lightning" / "demo")
+
+
+def generator_identity(generator: Callable[..., Path], version: int, **kwargs: Any) -> dict[str, Any]:
+    """What determines the data that ``generator(**kwargs)`` writes, JSON-able: its ``name``, its
+    ``version`` and every argument (defaults filled in) except the cache folder ``root``."""
+    bound = inspect.signature(generator).bind(**kwargs)
+    bound.apply_defaults()
+    return {"name": generator.__name__, "version": version, **{k: v for k, v in bound.arguments.items() if k != "root"}}
 
 
 def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
@@ -178,7 +188,7 @@ def classification_demo(
     Different arguments give different cache folders.
     """
     base = Path(root) if root is not None else default_demo_root()
-    name = f"classification-v{_CLASSIFICATION_VERSION}-{train_per_class}-{val_per_class}-{image_size}px-s{seed}"
+    name = f"classification-v{CLASSIFICATION_DEMO_VERSION}-{train_per_class}-{val_per_class}-{image_size}px-s{seed}"
 
     def build(folder: Path) -> None:
         rng = np.random.default_rng(seed)
@@ -483,7 +493,7 @@ def cityscapes_demo(
         raise ValueError(f"cityscapes_demo needs >= 1 image per split and at least 32x16 pixels, got "
                          f"{train_images}/{val_images} images of {width}x{height}")
     base = Path(root) if root is not None else default_demo_root()
-    name = f"cityscapes-v{_CITYSCAPES_VERSION}-{train_images}-{val_images}-{width}x{height}-s{seed}"
+    name = f"cityscapes-v{CITYSCAPES_DEMO_VERSION}-{train_images}-{val_images}-{width}x{height}-s{seed}"
 
     def build(folder: Path) -> None:
         rng = np.random.default_rng(seed)

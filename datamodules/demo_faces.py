@@ -25,9 +25,9 @@ import numpy as np
 
 from .demo import _build_once, default_demo_root
 
-__all__ = ["face_demo", "FaceIdentity", "render_face", "DEMO_VERIFICATION_SETS"]
+__all__ = ["face_demo", "FaceIdentity", "render_face", "DEMO_VERIFICATION_SETS", "FACE_DEMO_VERSION"]
 
-_FACES_VERSION = 1
+FACE_DEMO_VERSION = 1
 DEMO_VERIFICATION_SETS = ("demo_verify", "demo_verify_hard")
 
 
@@ -178,7 +178,7 @@ def face_demo(
     if train_identities < 2 or verify_identities < 2 or verify_pairs < 20 or image_size < 32:
         raise ValueError("face_demo needs >= 2 identities per split, >= 20 pairs and >= 32 pixels")
     base = Path(root) if root is not None else default_demo_root()
-    name = (f"faces-v{_FACES_VERSION}-{train_identities}x{images_per_identity}-{verify_identities}x"
+    name = (f"faces-v{FACE_DEMO_VERSION}-{train_identities}x{images_per_identity}-{verify_identities}x"
             f"{verify_images_per_identity}-{verify_pairs}-{image_size}px-s{seed}")
 
     def build(folder: Path) -> None:

@@ -20,14 +20,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset
 
-from .demo_faces import face_demo
+from .demo_faces import FACE_DEMO_VERSION, face_demo
 from .image_folder import ImageFolder, ImageList, SeedPerStepCompose, find_classes, image_hw, list_images, list_samples
 from .recordio import FaceRecordDataset, read_property
 from .split_loaders import SplitDataModule
@@ -77,6 +77,10 @@ class FaceDataModule(SplitDataModule):
             (:class:`SeededSampler`); the CLI sets it to ``seed_everything``.
     """
 
+    data_kind = "face_verification"
+    demo = (face_demo, FACE_DEMO_VERSION)
+    test_split = "val"  # the test stage evaluates the verification sets that validation does
+
     def __init__(
         self,
         root: Optional[str] = None,
@@ -102,7 +106,7 @@ class FaceDataModule(SplitDataModule):
         self.val_sets = list(val_sets)
         self.image_size = image_hw(image_size)
         self.batch_size = batch_size
-        self.val_batch_size = val_batch_size or batch_size
+        self.val_batch_size = batch_size if val_batch_size is None else val_batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
@@ -114,6 +118,7 @@ class FaceDataModule(SplitDataModule):
         self._sets_error: Optional[FileNotFoundError] = None
         self.datasets: dict[str, Dataset] = {}
         self.eval_sets: dict[str, list[VerificationPairs]] = {}
+        self._check_loader_settings()
 
     # ------------------------------------------------------------------ layout
     @property
@@ -152,6 +157,10 @@ class FaceDataModule(SplitDataModule):
             if missing and self._sets:
                 log.info("verification sets not found under %s, skipped: %s", self.data_root, ", ".join(missing))
         return list(self._sets)
+
+    def describe(self) -> dict[str, Any]:
+        """:meth:`SplitDataModule.describe` with the verification ``sets`` the test stage evaluates."""
+        return {**super().describe(), "sets": self.verification_sets}
 
     def prepare_data(self) -> None:
         self.data_root  # generates the demo set once, on one process per node

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import albumentations as A
 from albumentations.pytorch import ToTensorV2
 from torch.utils.data import Dataset
 
-from .demo import classification_demo
+from .demo import CLASSIFICATION_DEMO_VERSION, classification_demo
 from .split_loaders import SplitDataModule
 from .image_folder import ImageFolder, ImageList, SeedPerStepCompose, find_classes, image_hw, list_images, list_samples
 
@@ -83,6 +83,9 @@ class ImageNetDataModule(SplitDataModule):
             (:class:`SeededSampler`); the CLI sets it to ``seed_everything``.
     """
 
+    data_kind = "image_folder_classification"
+    demo = (classification_demo, CLASSIFICATION_DEMO_VERSION)
+
     def __init__(
         self,
         root: Optional[str] = None,
@@ -117,6 +120,7 @@ class ImageNetDataModule(SplitDataModule):
         self.seed = seed
         self._classes: Optional[list[str]] = None
         self.datasets: dict[str, Dataset] = {}
+        self._check_loader_settings()
         eval_transform(self.image_size, val_crop_ratio)  # validate the arguments now, not mid-run
 
     # ------------------------------------------------------------------ layout
@@ -141,6 +145,10 @@ class ImageNetDataModule(SplitDataModule):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def describe(self) -> dict[str, Any]:
+        """:meth:`SplitDataModule.describe` with the ``classes``."""
+        return {**super().describe(), "classes": self.classes}
 
     def prepare_data(self) -> None:
         self.data_root  # generates the demo set once, on one process per node

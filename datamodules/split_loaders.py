@@ -14,7 +14,9 @@ different numbers of batches.
 """
 from __future__ import annotations
 
-from typing import Optional
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -23,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tasks.lightning.adapter import batches_done
 
+from .demo import generator_identity
 from .image_folder import collate_readable
 from .seeded_sampler import SeededSampler
 
@@ -48,9 +51,16 @@ class SplitDataModule(pl.LightningDataModule):
     """Loaders over ``self.datasets`` (``train``, ``val``, ``test``, ``predict``), filled by ``setup``.
 
     Subclasses set ``seed``, ``batch_size``, ``val_batch_size``, ``num_workers``, ``pin_memory``
-    and ``persistent_workers``.
+    and ``persistent_workers``, then call :meth:`_check_loader_settings` in their constructor; for
+    :meth:`describe` they set ``root``, ``test_split`` and ``image_size``, and name ``data_kind``
+    and their ``demo`` generator.
     """
 
+    data_kind: str  # the dataset family, as :meth:`describe` records it
+    demo: tuple[Callable[..., Path], int]  # the generator (and its version) of the data used when root is None
+    root: Optional[str]
+    test_split: str
+    image_size: tuple[int, int]
     datasets: dict[str, Dataset]
     seed: int
     batch_size: int
@@ -60,6 +70,26 @@ class SplitDataModule(pl.LightningDataModule):
     persistent_workers: bool
 
     _resume: Optional[dict[str, int]] = None  # training position of a checkpoint being resumed
+
+    def _check_loader_settings(self) -> None:
+        """Raise ValueError naming the ``data.`` option when a batch size is below 1 or
+        ``num_workers`` below 0: checked at construction, where DataLoader's own error would
+        come at the first batch and name no option."""
+        for name, least in (("batch_size", 1), ("val_batch_size", 1), ("num_workers", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"data.{name} must be an integer >= {least}, got {value!r}")
+
+    def describe(self) -> dict[str, Any]:
+        """What the test stage evaluates, JSON-able (``results.json`` records it as ``data``):
+        ``kind``; ``root``, the absolute data root, or, for the generated demo data (``root``
+        None), ``generator`` (:func:`datamodules.demo.generator_identity`: name, version, sizes,
+        seed); ``split``, the split the test stage reads; ``image_size`` ``[h, w]``; and what
+        subclasses add (``classes`` or verification ``sets``). Every field but ``image_size``,
+        which follows the model, identifies the data."""
+        source = ({"generator": generator_identity(*self.demo)} if self.root is None
+                  else {"root": str(Path(self.root).resolve())})
+        return {"kind": self.data_kind, **source, "split": self.test_split, "image_size": list(self.image_size)}
 
     def state_dict(self) -> dict[str, int]:
         """The training position, saved in every checkpoint: the epoch, the batches of it done, and

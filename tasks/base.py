@@ -403,6 +403,7 @@ class ReparamTask(pl.LightningModule):
         self.eval()
         macs = count_macs(self, self.input_size)
         self.train(was_training)
+        datamodule = self.trainer.datamodule
         return {
             "task": self.task_name,
             "backbone": self.backbone_name,
@@ -416,6 +417,8 @@ class ReparamTask(pl.LightningModule):
             "input_size": list(self.input_size),
             "reparam": self.reparam_info,
             "primary_metric": self.primary_metric,
+            # what the metrics were measured on (SplitDataModule.describe); tasks.compare refuses mixed data
+            "data": datamodule.describe() if hasattr(datamodule, "describe") else None,
             # the constructor arguments, to rebuild the task (tasks.compare measures its speed)
             "hparams": _plain({k: v for k, v in self.hparams.items() if not k.startswith("_")}),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

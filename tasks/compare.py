@@ -11,8 +11,10 @@ tests the deploy model when it ends), or the run folder holding it. For every ru
 - the train-to-deploy conversion error the run recorded.
 
 Writes ``comparison.md``, ``comparison.csv`` and ``comparison.png`` (metric against throughput
-and against deploy parameters, one point per model, the baseline marked) into ``--out`` and
-prints the table. Runs of different tasks are refused.
+and against deploy parameters, one point per model with the metric, the baseline marked) into
+``--out`` and prints the table. Refused: runs of different tasks, runs ranked by different
+primary metrics, and runs tested on different data (or with no record of it) unless
+``--allow-different-data``, which labels each row with its data instead.
 """
 from __future__ import annotations
 
@@ -35,9 +37,47 @@ from backbones.complexity import count_macs, count_params
 from .base import RESULTS_FILE
 from .scatter_png import Panel, Point, draw_panels
 
-__all__ = ["Run", "load_run", "measure", "compare", "main"]
+__all__ = ["CompareError", "Run", "load_run", "check_comparable", "measure", "compare", "main"]
 
-METRIC_NAMES = {"test/top1": "top-1 (%)", "test/mIoU": "mIoU (%)", "test/acc": "verification acc. (%)"}
+# Metrics known to be fractions, shown x100 as percentages under these names; any other is shown raw.
+PERCENT_METRICS = {"test/top1": "top-1 (%)", "test/mIoU": "mIoU (%)", "test/acc": "verification acc. (%)"}
+# Fields of a run's data record that do not identify the data: models differ in input size.
+DATA_NOT_IDENTITY = ("image_size",)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _metrics(value: Any) -> bool:  # null: a metric that was NaN (e.g. mIoU of an unlabelled split)
+    return isinstance(value, dict) and all(isinstance(k, str) and (v is None or _number(v)) for k, v in value.items())
+
+
+def _size(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(_integer(v) and v > 0 for v in value)
+
+
+def _reparam(value: Any) -> bool:
+    return value is None or isinstance(value, dict) and (value.get("relative_error") is None or _number(value["relative_error"]))
+
+
+# Every field of results.json that this module reads: (required, check, what it must be).
+FIELDS = {
+    "task": (True, lambda v: isinstance(v, str), "a string"),
+    "backbone": (True, lambda v: isinstance(v, str), "a string"),
+    "metrics": (True, _metrics, "an object of numbers (or null) by metric name"),
+    "params": (True, _integer, "an integer"),
+    "flops": (True, _number, "a number"),
+    "input_size": (True, _size, "a list of two positive integers"),
+    "hparams": (True, lambda v: isinstance(v, dict), "an object"),
+    "primary_metric": (True, lambda v: isinstance(v, str), "a string"),
+    "data": (False, lambda v: v is None or isinstance(v, dict), "an object or null"),
+    "reparam": (False, _reparam, "null or an object whose relative_error is a number or null"),
+}
 
 
 class CompareError(ValueError):
@@ -58,12 +98,17 @@ class Run:
 
     @property
     def metric_key(self) -> str:
-        return self.results.get("primary_metric") or "test/loss"
+        return self.results["primary_metric"]
 
     @property
     def metric(self) -> Optional[float]:
+        """The primary metric; None when the run did not record it (or recorded NaN as null)."""
         value = self.results["metrics"].get(self.metric_key)
         return None if value is None else float(value)
+
+    @property
+    def data(self) -> Optional[dict[str, Any]]:
+        return self.results.get("data")
 
     @property
     def conversion_error(self) -> Optional[float]:
@@ -94,10 +139,69 @@ def load_run(arg: str) -> Run:
         results = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CompareError(f"{path}: not a readable results file ({exc})") from exc
-    missing = [k for k in ("task", "backbone", "metrics", "params", "flops", "input_size", "hparams") if k not in results]
+    if not isinstance(results, dict):
+        raise CompareError(f"{path}: not a results file (a JSON object); re-run `python -m tasks.<task> test` to rewrite it")
+    missing = [k for k, (required, _, _) in FIELDS.items() if required and k not in results]
     if missing:
         raise CompareError(f"{path}: missing {', '.join(missing)}; re-run `python -m tasks.<task> test` to rewrite it")
+    for key, (_, valid, what) in FIELDS.items():
+        if key in results and not valid(results[key]):
+            raise CompareError(f"{path}: field {key!r} must be {what}, got {_short(results[key])}")
     return Run(results["backbone"], path, results)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _data_label(data: Optional[dict[str, Any]]) -> str:
+    """One line naming a run's test data (kind, split, root or generator, classes or sets)."""
+    if data is None:
+        return "not recorded"
+    generator = data.get("generator")
+    source = (", ".join(f"{k}={v}" for k, v in generator.items()) if isinstance(generator, dict)
+              else str(data.get("root", "unknown root")))
+    label = f"{data.get('kind', 'unknown kind')} {data.get('split', '?')} split of {source}"
+    if isinstance(data.get("classes"), list):
+        label += f", {len(data['classes'])} classes"
+    if isinstance(data.get("sets"), list):
+        label += f", sets {', '.join(map(str, data['sets']))}"
+    return label
+
+
+def check_comparable(runs: Sequence[Run], allow_different_data: bool = False) -> bool:
+    """Refuse (CompareError naming both results files and the field) runs of different tasks, runs
+    ranked by different primary metrics, and, unless ``allow_different_data``, runs whose data
+    records differ in anything but :data:`DATA_NOT_IDENTITY` or that have no data record.
+    Returns whether the runs' data differ or go unrecorded (only possible with ``allow_different_data``)."""
+    tasks = sorted({r.task for r in runs})
+    if len(tasks) > 1:
+        by_task = "; ".join(f"{t}: {', '.join(str(r.path) for r in runs if r.task == t)}" for t in tasks)
+        raise CompareError(f"runs of different tasks cannot be compared ({by_task}); compare one task at a time")
+    first = runs[0]
+    for r in runs[1:]:
+        if r.metric_key != first.metric_key:
+            raise CompareError(f"runs ranked by different metrics cannot be compared: {first.path} has primary_metric "
+                               f"{first.metric_key!r}, {r.path} has {r.metric_key!r}")
+    flag = "--allow-different-data"
+    identity = lambda r: {k: v for k, v in (r.data or {}).items() if k not in DATA_NOT_IDENTITY}  # noqa: E731
+    mixed = False
+    for r in runs:
+        if r.data is None:
+            if not allow_different_data:
+                raise CompareError(f"{r.path} records no test data (field 'data'): it was written by an older version; "
+                                   f"re-run `python -m tasks.{r.task} test` to rewrite it, or pass {flag}")
+            mixed = True
+        elif identity(r) != identity(first) or first.data is None:
+            mixed = True
+            if not allow_different_data:
+                a, b = identity(first), identity(r)
+                field = next(k for k in [*a, *(k for k in b if k not in a)] if a.get(k) != b.get(k))
+                raise CompareError(f"{first.path} and {r.path} were tested on different data: {field} "
+                                   f"{_short(a.get(field))} vs {_short(b.get(field))}; compare runs on the same "
+                                   f"test data, or pass {flag} to compare them anyway (each row is labelled with its data)")
+    return mixed
 
 
 def _task_class(task: str) -> type:
@@ -139,20 +243,21 @@ def measure(run: Run, batch_size: int, iters: int, device: str = "cpu") -> dict[
             "throughput": batch_size / statistics.median(times)}
 
 
-def _pct(value: Optional[float], signed: bool = False) -> str:
+def _value(value: Optional[float], percent: bool, signed: bool = False) -> str:
+    """A metric (or a difference of metrics) as shown: x100 for a fraction, raw otherwise; "—" when absent."""
     if value is None:
         return "—"
-    return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
+    if percent:
+        return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
+    return f"{value:+.4g}" if signed else f"{value:.4g}"
 
 
 def compare(args: Sequence[str], baseline: Optional[str], out: Path, batch_size: int, iters: int,
-            device: str = "cpu") -> list[dict[str, Any]]:
+            device: str = "cpu", allow_different_data: bool = False) -> list[dict[str, Any]]:
     """Build the comparison (see the module doc); returns its rows."""
     runs = [load_run(a) for a in args]
-    tasks = sorted({r.task for r in runs})
-    if len(tasks) > 1:
-        by_task = "; ".join(f"{t}: {', '.join(str(r.path) for r in runs if r.task == t)}" for t in tasks)
-        raise CompareError(f"runs of different tasks cannot be compared ({by_task}); compare one task at a time")
+    mixed_data = check_comparable(runs, allow_different_data)
+    task = runs[0].task
     names = [r.name for r in runs]
     for r in runs:  # the same backbone twice: tell the runs apart by their folders
         if names.count(r.name) > 1:
@@ -165,7 +270,8 @@ def compare(args: Sequence[str], baseline: Optional[str], out: Path, batch_size:
             raise CompareError(f"--baseline {baseline!r} must name exactly one run; the runs are: {', '.join(r.name for r in runs)}")
         base = matches[0]
     metric_key = base.metric_key
-    metric_name = METRIC_NAMES.get(metric_key, metric_key)
+    percent = metric_key in PERCENT_METRICS
+    metric_name = PERCENT_METRICS.get(metric_key, metric_key)
 
     rows = []
     for r in runs:
@@ -183,6 +289,7 @@ def compare(args: Sequence[str], baseline: Optional[str], out: Path, batch_size:
             "throughput": measured["throughput"],
             "speed_vs_baseline": None,
             "conversion_error": r.conversion_error,
+            "data": _data_label(r.data),
             "results": str(r.path),
         })
     base_row = next(row for row in rows if row["baseline"])
@@ -192,37 +299,52 @@ def compare(args: Sequence[str], baseline: Optional[str], out: Path, batch_size:
     out.mkdir(parents=True, exist_ok=True)
     where = (f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
              f"torch {torch.__version__}, batch {batch_size}, median of {iters}")
-    table = _markdown(rows, tasks[0], metric_name, where)
+    table = _markdown(rows, task, metric_name, percent, where, mixed_data)
     (out / "comparison.md").write_text(table)
     with open(out / "comparison.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    points = lambda x: [Point(x(row), 100 * (row["metric"] or 0.0), row["model"], row["baseline"]) for row in rows]  # noqa: E731
-    draw_panels(
-        [Panel(f"{metric_name} vs deploy throughput", f"images/s (batch {batch_size}, {device})", metric_name,
-               points(lambda row: row["throughput"])),
-         Panel(f"{metric_name} vs deploy parameters", "parameters (M)", metric_name,
-               points(lambda row: row["params_deploy"] / 1e6))],
-        str(out / "comparison.png"), caption=f"{tasks[0]}: {where}; {time.strftime('%Y-%m-%d')}",
-    )
+    written = [out / "comparison.md", out / "comparison.csv"]
+    scored = [row for row in rows if row["metric"] is not None]  # a run without the metric has no place on the y axis
+    unscored = [row["model"] for row in rows if row["metric"] is None]
+    caption = f"{task}: {where}; {time.strftime('%Y-%m-%d')}"
+    caption += "; mixed test data (see the table)" if mixed_data else ""
+    caption += f"; not plotted, no {metric_key}: {', '.join(unscored)}" if unscored else ""
+    if scored:
+        points = lambda x: [Point(x(row), (100 if percent else 1) * row["metric"], row["model"], row["baseline"])  # noqa: E731
+                            for row in scored]
+        draw_panels(
+            [Panel(f"{metric_name} vs deploy throughput", f"images/s (batch {batch_size}, {device})", metric_name,
+                   points(lambda row: row["throughput"])),
+             Panel(f"{metric_name} vs deploy parameters", "parameters (M)", metric_name,
+                   points(lambda row: row["params_deploy"] / 1e6))],
+            str(out / "comparison.png"), caption=caption,
+        )
+        written.append(out / "comparison.png")
+    else:
+        print(f"no run recorded {metric_key}: no plot", file=sys.stderr)
     print(table)
-    print(f"written: {out / 'comparison.md'}, {out / 'comparison.csv'}, {out / 'comparison.png'}")
+    print(f"written: {', '.join(map(str, written))}")
     return rows
 
 
-def _markdown(rows: list[dict[str, Any]], task: str, metric_name: str, where: str) -> str:
+def _markdown(rows: list[dict[str, Any]], task: str, metric_name: str, percent: bool, where: str, mixed_data: bool) -> str:
+    data_column = " data |" if mixed_data else ""
     head = (f"| model | {metric_name} | Δ vs baseline | params train (M) | params deploy (M) | GFLOPs | input | "
-            f"deploy images/s | speed vs baseline | conversion error |")
-    lines = [f"# {task}: comparison", "", f"Throughput measured on {where}.", "", head,
+            f"deploy images/s | speed vs baseline | conversion error |{data_column}")
+    data_note = ("**Mixed test data** (--allow-different-data): the rows were tested on different data (the data "
+                 "column); their metrics are not comparable as such." if mixed_data else f"Test data: {rows[0]['data']}.")
+    lines = [f"# {task}: comparison", "", f"Throughput measured on {where}.", "", data_note, "", head,
              "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
         error = row["conversion_error"]
         lines.append(
-            f"| {row['model']}{' (baseline)' if row['baseline'] else ''} | {_pct(row['metric'])} | "
-            f"{'—' if row['baseline'] else _pct(row['delta'], signed=True)} | {row['params_train'] / 1e6:.3g} | "
+            f"| {row['model']}{' (baseline)' if row['baseline'] else ''} | {_value(row['metric'], percent)} | "
+            f"{'—' if row['baseline'] else _value(row['delta'], percent, signed=True)} | {row['params_train'] / 1e6:.3g} | "
             f"{row['params_deploy'] / 1e6:.3g} | {row['gflops']:.3g} | {row['input_size']} | {row['throughput']:.1f} | "
             f"{row['speed_vs_baseline']:.2f}x | {'—' if error is None else f'{error:.1e}'} |"
+            + (f" {row['data']} |" if mixed_data else "")
         )
     return "\n".join(lines) + "\n"
 
@@ -235,11 +357,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="batch size of the throughput measurement")
     parser.add_argument("--iters", type=int, default=5, help="timed batches per model (after one warm-up)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--allow-different-data", action="store_true",
+                        help="compare runs tested on different data (or with no record of it); each row is labelled with its data")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.iters < 1:
         parser.error("--batch-size and --iters must be at least 1")
     try:
-        compare(args.runs, args.baseline, args.out, args.batch_size, args.iters, args.device)
+        compare(args.runs, args.baseline, args.out, args.batch_size, args.iters, args.device, args.allow_different_data)
     except CompareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

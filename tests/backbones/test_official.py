@@ -14,6 +14,7 @@ from torch import Tensor
 
 from backbones import create, max_relative_error, reparameterize_model
 from backbones.weights.io import load_into, load_state_dict_file
+from backbones.official import main as official_main
 from backbones.weights.official_repmlp import convert_official_state_dict, load_official
 
 TINY = ["repmlp_res_tiny", "repmlp_res_light_tiny", "resnet_tiny"]
@@ -280,6 +281,27 @@ def test_official_cli_round_trip(tmp_path):
     model = load_into(create(arch, deploy=meta["deploy"], **meta["model_kwargs"]), state_dict, str(dst), arch)
     assert _check_against_reference(model, official, arch) <= 1e-5
 
-    bad = subprocess.run([sys.executable, "-m", "backbones.official", "--arch", "resnet_tiny", str(src), str(dst)],
+    bad = subprocess.run([sys.executable, "-m", "backbones.official", "--arch", "resnet_tiny", str(src), str(dst), "--overwrite"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "resnet_tiny" in bad.stderr and str(src) in bad.stderr
+
+
+def test_official_cli_destination(tmp_path, capsys):
+    """The source is never the destination; an existing destination needs --overwrite."""
+    arch = "repmlp_res_tiny"
+    src, dst = tmp_path / "official.pth", tmp_path / "ours.safetensors"
+    torch.save(make_official(arch, False), src)
+    before = src.read_bytes()
+    (tmp_path / "link.pth").symlink_to(src)
+    for same in (src, tmp_path / "link.pth"):
+        assert official_main(["--arch", arch, str(src), str(same), "--overwrite"]) == 1
+        assert f"the destination {same} is the source {src}" in capsys.readouterr().err
+    assert src.read_bytes() == before
+    dst.write_bytes(b"keep me")
+    assert official_main(["--arch", arch, str(src), str(dst)]) == 1
+    err = capsys.readouterr().err
+    assert f"the destination {dst} already exists" in err and "--overwrite" in err
+    assert dst.read_bytes() == b"keep me"
+    assert official_main(["--arch", arch, str(src), str(dst), "--overwrite"]) == 0
+    state_dict, meta = load_state_dict_file(dst)
+    assert meta["arch"] == arch and set(state_dict) == set(create(arch).state_dict())

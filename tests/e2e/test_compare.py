@@ -11,7 +11,7 @@ import cv2
 import pytest
 
 from conftest import REPO, assert_ok, run_task
-from datamodules.demo import classification_demo
+from datamodules.demo import SHAPES, classification_demo
 from tasks.compare import main as compare_main
 
 MODELS = ["resnet_tiny", "repmlp_res_tiny", "repmlp_res_light_tiny"]
@@ -42,6 +42,12 @@ def test_three_runs_give_the_table_the_csv_and_the_plot(runs):
     assert [r["model"] for r in rows] == MODELS
     assert [r["baseline"] for r in rows] == ["True", "False", "False"]
     results = {m: json.loads((runs / "runs" / m / "version_0" / "results.json").read_text()) for m in MODELS}
+    [root] = (runs / "data").iterdir()
+    for result in results.values():  # what the runs were tested on
+        data = result["data"]
+        assert data.pop("image_size") == result["input_size"]
+        assert data == {"kind": "image_folder_classification", "root": str(root.resolve()), "split": "val",
+                        "classes": sorted(SHAPES)}
     for row in rows:
         metric = results[row["model"]]["metrics"]["test/top1"]
         assert float(row["metric"]) == pytest.approx(metric)
@@ -55,6 +61,7 @@ def test_three_runs_give_the_table_the_csv_and_the_plot(runs):
     table = (out / "comparison.md").read_text()
     assert table in proc.stdout and "| resnet_tiny (baseline) |" in table and table.count("\n| repmlp_res_") == 2
     assert "top-1 (%)" in table and "batch 8" in table
+    assert f"Test data: image_folder_classification val split of {root.resolve()}, {len(SHAPES)} classes." in table
     image = cv2.imread(str(out / "comparison.png"))
     assert image is not None and image.shape[1] > image.shape[0] > 300 and (image < 128).any()
 

@@ -12,7 +12,7 @@ import torch
 from conftest import REPO, randomize_bn
 
 from backbones import create, model_relative_error, reparameterize_model
-from backbones.convert import ConversionError, convert_checkpoint
+from backbones.convert import ConversionError, convert_checkpoint, main as convert_main
 from backbones.weights.io import (
     load_into,
     load_state_dict_file,
@@ -215,3 +215,33 @@ def test_load_into_names_mode_mismatch_both_ways(tmp_path):
     torch.save({**deploy_sd, "arch": ARCH, "deploy": True}, plain)  # metadata next to the tensors
     state_dict, meta = load_state_dict_file(plain)
     assert meta == {"arch": ARCH, "deploy": True} and set(state_dict) == set(deploy_sd)
+
+
+# ----------------------------------------------------------------- the destination
+def test_destination_that_is_the_source_is_refused(tmp_path, capsys):
+    src = tmp_path / "train.pt"
+    torch.save(_train_model().state_dict(), src)
+    before = src.read_bytes()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.pt").symlink_to(src)
+    for dst in (src, tmp_path / "sub" / ".." / "train.pt", tmp_path / "link.pt"):
+        for extra in ([], ["--overwrite"]):  # --overwrite never allows writing over the input
+            assert convert_main(["--arch", ARCH, str(src), str(dst), *extra]) == 1
+            err = capsys.readouterr().err
+            assert f"the destination {dst} is the source {src}" in err
+    assert src.read_bytes() == before
+
+
+def test_existing_destination_needs_overwrite(tmp_path, capsys):
+    model = _train_model()
+    src, dst = tmp_path / "train.pt", tmp_path / "deploy.safetensors"
+    torch.save(model.state_dict(), src)
+    dst.write_bytes(b"keep me")
+    assert convert_main(["--arch", ARCH, str(src), str(dst)]) == 1
+    err = capsys.readouterr().err
+    assert f"the destination {dst} already exists" in err and "--overwrite" in err
+    assert dst.read_bytes() == b"keep me"
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        convert_checkpoint(ARCH, src, dst)
+    assert convert_main(["--arch", ARCH, str(src), str(dst), "--overwrite"]) == 0
+    _check_deploy_file(dst, model)

@@ -1,0 +1,126 @@
+"""``tasks.compare`` on synthetic ``results.json`` files: what it refuses, how it shows a metric,
+what it plots. The measurement is stubbed (tests/e2e/test_compare.py measures real runs)."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import tasks.compare as compare_module
+from tasks.compare import main as compare_main
+
+DATA = {"kind": "image_folder_classification", "root": "/data/imagenet", "split": "val", "image_size": [32, 32],
+        "classes": ["cat", "dog"]}
+
+
+def _run(tmp_path: Path, name: str, **fields) -> Path:
+    """A run folder holding a well-formed results.json with ``fields`` replaced (None removes one)."""
+    results = {"task": "classification", "backbone": name, "metrics": {"test/top1": 0.5, "test/loss": 1.5},
+               "params": 1000, "flops": 2e6, "input_size": [32, 32], "hparams": {"backbone": name},
+               "primary_metric": "test/top1", "data": DATA, "reparam": {"relative_error": 1e-7}}
+    results.update(fields)
+    results = {k: v for k, v in results.items() if v is not None}
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder / "results.json"
+
+
+@pytest.fixture
+def plotted(monkeypatch) -> SimpleNamespace:
+    """The panels and caption compare draws (captured instead of drawn), with the measurement stubbed."""
+    plot = SimpleNamespace(panels=[], caption=None)
+    monkeypatch.setattr(compare_module, "measure", lambda run, batch_size, iters, device="cpu": {
+        "params_train": run.results["params"], "params_deploy": run.results["params"] // 2,
+        "gflops": run.results["flops"] / 1e9, "throughput": 100.0})
+
+    def draw(panels, path, caption=""):
+        plot.panels, plot.caption = panels, caption
+
+    monkeypatch.setattr(compare_module, "draw_panels", draw)
+    return plot
+
+
+def _compare(tmp_path: Path, *args: str) -> int:
+    return compare_main([*map(str, args), "--out", str(tmp_path / "cmp"), "--iters", "1"])
+
+
+def test_runs_on_different_data_are_refused_naming_both(tmp_path, plotted, capsys):
+    a = _run(tmp_path, "a")
+    b = _run(tmp_path, "b", data={**DATA, "root": "/data/other", "image_size": [64, 64]})
+    c = _run(tmp_path, "c", data={**DATA, "image_size": [64, 64]})  # a model's input size is not the data
+    d = _run(tmp_path, "d", data=None)
+    assert _compare(tmp_path, a, b) == 2
+    err = capsys.readouterr().err
+    assert f"{a} and {b} were tested on different data: root" in err and "/data/other" in err
+    assert "--allow-different-data" in err and not (tmp_path / "cmp").exists()
+    assert _compare(tmp_path, a, d) == 2
+    err = capsys.readouterr().err
+    assert f"{d} records no test data" in err and "older version" in err and "--allow-different-data" in err
+    assert _compare(tmp_path, a, c) == 0
+    assert "Test data: image_folder_classification val split of /data/imagenet, 2 classes" in capsys.readouterr().out
+
+
+def test_different_data_allowed_with_the_flag_is_labelled(tmp_path, plotted, capsys):
+    a = _run(tmp_path, "a")
+    b = _run(tmp_path, "b", data={**DATA, "split": "train"})
+    c = _run(tmp_path, "c", data=None)
+    assert _compare(tmp_path, a, b, c, "--allow-different-data") == 0
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "**Mixed test data**" in table and "| data |" in table
+    assert "val split of /data/imagenet, 2 classes |" in table and "train split of /data/imagenet, 2 classes |" in table
+    assert "| not recorded |" in table
+    rows = list(csv.DictReader(open(tmp_path / "cmp" / "comparison.csv")))
+    assert [row["data"].split(" ")[1] for row in rows] == ["val", "train", "recorded"]
+
+
+def test_runs_ranked_by_different_metrics_are_refused(tmp_path, plotted, capsys):
+    a = _run(tmp_path, "a")
+    b = _run(tmp_path, "b", primary_metric="test/loss")
+    assert _compare(tmp_path, a, b) == 2
+    err = capsys.readouterr().err
+    assert f"{a} has primary_metric 'test/top1', {b} has 'test/loss'" in err
+
+
+def test_a_run_without_its_metric_is_shown_as_missing_and_not_plotted(tmp_path, plotted):
+    a = _run(tmp_path, "a", metrics={"test/top1": 0.25})
+    b = _run(tmp_path, "b", metrics={"test/loss": 2.0})
+    c = _run(tmp_path, "c", metrics={"test/top1": None})  # NaN is written as null
+    assert _compare(tmp_path, a, b, c) == 0
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| a (baseline) | 25.00 | — |" in table and "| b | — | — |" in table and "| c | — | — |" in table
+    assert [[(p.label, p.y) for p in panel.points] for panel in plotted.panels] == [[("a", 25.0)]] * 2
+    assert "not plotted, no test/top1: b, c" in plotted.caption
+
+
+def test_a_metric_that_is_not_a_fraction_is_shown_raw(tmp_path, plotted):
+    a = _run(tmp_path, "a", primary_metric="test/loss", metrics={"test/loss": 230.17})
+    b = _run(tmp_path, "b", primary_metric="test/loss", metrics={"test/loss": 229.5})
+    assert _compare(tmp_path, a, b) == 0
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| model | test/loss | Δ vs baseline |" in table and "(%)" not in table
+    assert "| a (baseline) | 230.2 | — |" in table and "| b | 229.5 | -0.67 |" in table
+    assert [p.y for p in plotted.panels[0].points] == [230.17, 229.5]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("task", 3), ("backbone", None), ("metrics", {"test/top1": "high"}), ("metrics", [0.5]), ("params", 1.5),
+    ("params", True), ("flops", "2e6"), ("input_size", [32]), ("input_size", [0, 32]), ("input_size", "32x32"),
+    ("hparams", []), ("primary_metric", None), ("primary_metric", 1), ("data", [DATA]), ("reparam", {"relative_error": "small"}),
+])
+def test_a_field_of_the_wrong_type_is_named(tmp_path, plotted, capsys, field, value):
+    a = _run(tmp_path, "a")
+    b = _run(tmp_path, "b")
+    results = json.loads(b.read_text())
+    if value is None:
+        del results[field]
+    else:
+        results[field] = value
+    b.write_text(json.dumps(results))
+    assert _compare(tmp_path, a, b) == 2
+    err = capsys.readouterr().err
+    expected = f"{b}: missing {field}" if value is None else f"{b}: field {field!r} must be"
+    assert expected in err and not (tmp_path / "cmp").exists()

@@ -29,6 +29,7 @@ setup(
         "fsspec",  # tasks.lightning.checkpoint_io tells local from remote paths as Lightning does
         "safetensors>=0.4",
         "numpy",
+        "matplotlib>=3.8",  # tasks.compare's plot
     ],
     extras_require={
         "dev": ["pytest>=7"],

@@ -10,7 +10,7 @@ tests the deploy model when it ends), or the run folder holding it. For every ru
   ``--batch-size`` (median of ``--iters`` batches after a warm-up);
 - the train-to-deploy conversion error the run recorded.
 
-Writes ``comparison.md``, ``comparison.csv`` and ``comparison.png`` (metric against throughput
+Writes ``comparison.md``, ``comparison.csv``, and ``comparison.png`` and ``.svg`` (metric against throughput
 and against deploy parameters, one point per model with the metric, the baseline marked) into
 ``--out`` and prints the table. Refused: runs of different tasks, runs ranked by different
 primary metrics, and runs tested on different data (or with no record of it) unless
@@ -35,7 +35,7 @@ import torch
 from backbones.complexity import count_macs, count_params
 
 from .base import RESULTS_FILE
-from .scatter_png import Panel, Point, draw_panels
+from .plot import FORMATS, Panel, Point, draw_panels
 
 __all__ = ["CompareError", "Run", "load_run", "check_comparable", "measure", "compare", "main"]
 
@@ -319,9 +319,9 @@ def compare(args: Sequence[str], baseline: Optional[str], out: Path, batch_size:
                    points(lambda row: row["throughput"])),
              Panel(f"{metric_name} vs deploy parameters", "parameters (M)", metric_name,
                    points(lambda row: row["params_deploy"] / 1e6))],
-            str(out / "comparison.png"), caption=caption,
+            out / "comparison", caption=caption,
         )
-        written.append(out / "comparison.png")
+        written += [out / f"comparison.{fmt}" for fmt in FORMATS]
     else:
         print(f"no run recorded {metric_key}: no plot", file=sys.stderr)
     print(table)

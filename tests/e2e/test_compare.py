@@ -64,6 +64,8 @@ def test_three_runs_give_the_table_the_csv_and_the_plot(runs):
     assert f"Test data: image_folder_classification val split of {root.resolve()}, {len(SHAPES)} classes." in table
     image = cv2.imread(str(out / "comparison.png"))
     assert image is not None and image.shape[1] > image.shape[0] > 300 and (image < 128).any()
+    svg = (out / "comparison.svg").read_text()
+    assert svg.startswith("<?xml") and "repmlp_res_tiny" in svg and "resnet_tiny (baseline)" in svg
 
 
 def test_mixed_tasks_are_refused(runs, tmp_path, monkeypatch, capsys):

@@ -581,6 +581,9 @@ class CityscapesDataModule(SplitDataModule):
         log.info("%s split: %d images from %s", split, len(pairs), self.data_root / "leftImg8bit" / split)
         return CityscapesSegmentation(pairs, transform)
 
+    def calibration_set(self) -> CityscapesSegmentation:
+        return self._split("train", train=False)
+
     def setup(self, stage: Optional[str] = None) -> None:
         # Every folder is listed and every image paired with its label here, before the first step.
         if stage in ("fit", None):

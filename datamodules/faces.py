@@ -166,9 +166,12 @@ class FaceDataModule(SplitDataModule):
         self.data_root  # generates the demo set once, on one process per node
 
     # ------------------------------------------------------------------ datasets
-    def _train_set(self) -> Dataset:
+    def calibration_set(self) -> Dataset:
+        return self._train_set(flip=False)
+
+    def _train_set(self, flip: Optional[bool] = None) -> Dataset:
         root = self.data_root
-        transform = face_transform(self.image_size, self.flip)
+        transform = face_transform(self.image_size, self.flip if flip is None else flip)
         if self.uses_recordio:
             missing = [f for f in RECORD_FILES if not (root / f).exists()]
             if missing:

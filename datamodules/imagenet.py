@@ -150,6 +150,9 @@ class ImageNetDataModule(SplitDataModule):
         """:meth:`SplitDataModule.describe` with the ``classes``."""
         return {**super().describe(), "classes": self.classes}
 
+    def calibration_set(self) -> Dataset:
+        return self._split("train", train=False)
+
     def prepare_data(self) -> None:
         self.data_root  # generates the demo set once, on one process per node
 

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from tasks.lightning.adapter import batches_done
 
@@ -90,6 +90,20 @@ class SplitDataModule(pl.LightningDataModule):
         source = ({"generator": generator_identity(*self.demo)} if self.root is None
                   else {"root": str(Path(self.root).resolve())})
         return {"kind": self.data_kind, **source, "split": self.test_split, "image_size": list(self.image_size)}
+
+    def calibration_set(self) -> Dataset:
+        """The training images with the evaluation transform (subclasses): what INT8 is calibrated on."""
+        raise NotImplementedError(f"{type(self).__name__} offers no calibration images")
+
+    def calibration_batches(self, count: int, seed: int) -> list[torch.Tensor]:
+        """``count`` training images chosen with ``seed``, evaluation transform, in batches of
+        ``val_batch_size``: the INT8 calibration set (from the training split: never the test data)."""
+        dataset = self.calibration_set()
+        if len(dataset) == 0:
+            raise ValueError("INT8 calibration needs training images, and the training split is empty")
+        chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+        loader = DataLoader(Subset(dataset, chosen), batch_size=self.val_batch_size, collate_fn=collate_readable)
+        return [batch[0] for batch in loader if batch is not None]
 
     def state_dict(self) -> dict[str, int]:
         """The training position, saved in every checkpoint: the epoch, the batches of it done, and

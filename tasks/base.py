@@ -15,6 +15,8 @@
 - the global RNG states in every training checkpoint, restored on resume (:mod:`tasks.lightning.rng_state`);
 - the log row of the batch a step checkpoint is saved in, which Lightning logs only after saving:
   kept in the checkpoint and given back to the CSV logger on resume (:mod:`tasks.lightning.csv_logger`);
+- the runtime and precision the test and predict stages run the model on (:meth:`use_runtime`,
+  :mod:`tasks.runtime`), and the throughput measured in them;
 - ``results.json`` in the log folder after every test run (:meth:`on_test_end`).
 
 Subclasses add the head, the loss, the metrics and the steps.
@@ -40,6 +42,7 @@ from backbones.weights.io import atomic_write_json, check_fits, listing, load_in
 from tasks.lightning import adapter
 from tasks.lightning.csv_logger import CheckpointedCSVLogger, PendingRow
 from tasks.lightning.rng_state import rng_state, set_rng_state
+from tasks.runtime import Runner, RuntimeSpec, build_runner, first_inputs
 
 __all__ = ["ReparamTask", "RESULTS_FILE"]
 
@@ -138,6 +141,10 @@ class ReparamTask(pl.LightningModule):
         self._weights_loaded = False  # model.weights is loaded once, at the first setup
         self._log_row = PendingRow()  # the row of the training batch in progress
         self._resume_log_row: Optional[dict[str, Any]] = None  # that row in a checkpoint being resumed
+        self.runtime_spec = RuntimeSpec()  # how test and predict run the model (use_runtime)
+        self._calibration: Optional[list[Tensor]] = None
+        self._runner: Optional[Runner] = None
+        self._test_images = 0
 
     # ------------------------------------------------------------------ backbone
     def backbone_args(self) -> dict[str, Any]:
@@ -393,6 +400,58 @@ class ReparamTask(pl.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.lr_factor(step, total, warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    # ------------------------------------------------------------------ inference runtime
+    def use_runtime(self, spec: RuntimeSpec, calibration: Optional[list[Tensor]] = None) -> None:
+        """Run the next test or predict stage on ``spec`` (:mod:`tasks.runtime`). ``calibration``:
+        batches of training images (evaluation transform), which :meth:`calibration_inputs` turns
+        into model inputs; needed by onnxruntime (export check, INT8 calibration)."""
+        self.runtime_spec = spec
+        self._calibration = calibration
+
+    def calibration_inputs(self, images: Tensor) -> Tensor:
+        """Model inputs ``(M, 3, h, w)`` made from a batch of evaluation images (the images themselves;
+        segmentation cuts windows)."""
+        return images
+
+    def infer(self, x: Tensor) -> Tensor:
+        """The forward on the stage's runtime (``self(x)`` outside test and predict), timed."""
+        return self(x) if self._runner is None else self._runner(x)
+
+    def count_test_images(self, count: int) -> None:
+        """Add ``count`` images to the test stage's throughput (called by the test steps)."""
+        self._test_images += count
+
+    def _start_runtime(self) -> None:
+        self._test_images = 0
+        calibration = None
+        if self._calibration is not None:
+            inputs = [self.calibration_inputs(images) for images in self._calibration]
+            calibration = first_inputs(inputs, self.runtime_spec.calibration_images)
+        self._runner = build_runner(self, self.runtime_spec, calibration)
+
+    def _stop_runtime(self) -> None:
+        if self._runner is not None:
+            self._runner.close()
+
+    def on_test_start(self) -> None:
+        self._start_runtime()
+
+    def on_predict_start(self) -> None:
+        self._start_runtime()
+
+    def on_predict_end(self) -> None:
+        self._stop_runtime()
+        self._runner = None
+
+    def throughput(self) -> Optional[dict[str, Any]]:
+        """The test stage's images per second in the runtime's calls (data loading and metrics left
+        out), with the batch size and thread count it ran at; None before a test."""
+        runner = self._runner
+        if runner is None or runner.seconds <= 0 or not self._test_images:
+            return None
+        return {"images_per_s": self._test_images / runner.seconds, "images": self._test_images,
+                "seconds": runner.seconds, "batch_size": runner.batch_size, "threads": torch.get_num_threads()}
+
     # ------------------------------------------------------------------ results
     def results(self) -> dict[str, Any]:
         """What a test run reports; written to ``results.json`` by :meth:`on_test_end`."""
@@ -417,6 +476,9 @@ class ReparamTask(pl.LightningModule):
             "input_size": list(self.input_size),
             "reparam": self.reparam_info,
             "primary_metric": self.primary_metric,
+            "runtime": self.runtime_spec.runtime,
+            "precision": self.runtime_spec.precision,
+            "throughput": self.throughput(),
             # what the metrics were measured on (SplitDataModule.describe); tasks.compare refuses mixed data
             "data": datamodule.describe() if hasattr(datamodule, "describe") else None,
             # the constructor arguments, to rebuild the task (tasks.compare measures its speed)
@@ -425,9 +487,11 @@ class ReparamTask(pl.LightningModule):
         }
 
     def on_test_end(self) -> None:
+        self._stop_runtime()  # the fp32 torch model back (results count its MACs); the timings stay
         folder = self.trainer.log_dir or self.trainer.default_root_dir  # collective: every rank asks
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, RESULTS_FILE)
             atomic_write_json(path, _finite(self.results()))
             print(f"results written to {path}")
+        self._runner = None

@@ -92,7 +92,9 @@ class ClassificationTask(ReparamTask):
     def _shared_step(self, batch: Any, stage: str) -> Tensor:
         images, labels = batch
         self._check_labels(labels)
-        logits = self(images)
+        logits = self(images) if stage == "train" else self.infer(images)
+        if stage == "test":
+            self.count_test_images(images.shape[0])
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         if stage == "train":
             self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
@@ -125,7 +127,7 @@ class ClassificationTask(ReparamTask):
         if batch is None:
             return None
         images, paths = batch
-        scores, indices = torch.softmax(self(images).float(), dim=1).topk(self.topk, dim=1)
+        scores, indices = torch.softmax(self.infer(images).float(), dim=1).topk(self.topk, dim=1)
         return {"paths": list(paths), "indices": indices.cpu(), "scores": scores.cpu()}
 
 

@@ -36,6 +36,7 @@ from backbones.complexity import count_macs, count_params
 
 from .base import RESULTS_FILE
 from .plot import FORMATS, Panel, Point, draw_panels
+from .runtime import PRECISIONS, RUNTIMES, RuntimeSpec, build_runner
 
 __all__ = ["CompareError", "Run", "load_run", "check_comparable", "measure", "compare", "main"]
 
@@ -77,6 +78,8 @@ FIELDS = {
     "primary_metric": (True, lambda v: isinstance(v, str), "a string"),
     "data": (False, lambda v: v is None or isinstance(v, dict), "an object or null"),
     "reparam": (False, _reparam, "null or an object whose relative_error is a number or null"),
+    "runtime": (False, lambda v: v in RUNTIMES, f"one of {', '.join(RUNTIMES)}"),
+    "precision": (False, lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
 }
 
 
@@ -109,6 +112,11 @@ class Run:
     @property
     def data(self) -> Optional[dict[str, Any]]:
         return self.results.get("data")
+
+    @property
+    def spec(self) -> RuntimeSpec:
+        """What the run was tested on (files written before runtimes were recorded: torch fp32)."""
+        return RuntimeSpec(self.results.get("runtime", "torch"), self.results.get("precision", "fp32"))
 
     @property
     def conversion_error(self) -> Optional[float]:
@@ -219,7 +227,9 @@ def _task_class(task: str) -> type:
 def measure(run: Run, batch_size: int, iters: int, device: str = "cpu") -> dict[str, float]:
     """Rebuild the run's task from its hyperparameters (random weights) and measure it now:
     ``params_train``, ``params_deploy``, ``gflops`` of the deploy model at the run's input size,
-    and ``throughput``: deploy images/s on ``device``, the median of ``iters`` timed batches."""
+    and ``throughput``: deploy images/s on ``device`` on the run's runtime and precision
+    (:func:`tasks.runtime.build_runner`; INT8 calibrated on random inputs, which does not change
+    its speed), the median of ``iters`` timed batches."""
     cls = _task_class(run.task)
     hparams = run.results["hparams"]  # ReparamTask.results already leaves out LightningCLI's private keys
     size = tuple(run.results["input_size"])
@@ -227,19 +237,25 @@ def measure(run: Run, batch_size: int, iters: int, device: str = "cpu") -> dict[
     task = cls(**{**hparams, "deploy": True}).eval()
     macs = count_macs(task, size)
     task = task.to(device)
+    params_deploy = count_params(task)
     x = torch.randn(batch_size, 3, *size, device=device)
+    spec = run.spec
+    if not spec.is_default and device != "cpu":
+        raise CompareError(f"{run.path}: {spec.runtime} {spec.precision} is measured on the CPU; run with --device cpu")
+    runner = build_runner(task, spec, [x], log=lambda line: None)
     times = []
     with torch.inference_mode():
         for i in range(iters + 1):  # the first is a warm-up
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            task(x)
+            runner(x)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             if i:
                 times.append(time.perf_counter() - start)
-    return {"params_train": params_train, "params_deploy": count_params(task), "gflops": 2 * macs / 1e9,
+    runner.close()
+    return {"params_train": params_train, "params_deploy": params_deploy, "gflops": 2 * macs / 1e9,
             "throughput": batch_size / statistics.median(times)}
 
 
@@ -258,14 +274,20 @@ def compare(args: Sequence[str], baseline: Optional[str], out: Path, batch_size:
     runs = [load_run(a) for a in args]
     mixed_data = check_comparable(runs, allow_different_data)
     task = runs[0].task
+    for r in runs:  # a model on another runtime or precision is a row of its own
+        if not r.spec.is_default:
+            r.name = f"{r.name} [{r.spec.runtime} {r.spec.precision}]"
     names = [r.name for r in runs]
     for r in runs:  # the same backbone twice: tell the runs apart by their folders
         if names.count(r.name) > 1:
             r.name = f"{r.name} ({r.path.parent.parent.name}/{r.path.parent.name})"
+    # the baseline is a model's fp32 torch row, which every other row's Δ and speed are measured against
+    candidates = [r for r in runs if baseline is None or r.name == baseline or r.results["backbone"] == baseline]
+    plain = [r for r in candidates if r.spec.is_default]
     if baseline is None:
-        base = runs[0]
+        base = plain[0] if plain else runs[0]
     else:
-        matches = [r for r in runs if r.name == baseline or r.results["backbone"] == baseline]
+        matches = plain if len(plain) == 1 else candidates
         if len(matches) != 1:
             raise CompareError(f"--baseline {baseline!r} must name exactly one run; the runs are: {', '.join(r.name for r in runs)}")
         base = matches[0]
@@ -279,6 +301,8 @@ def compare(args: Sequence[str], baseline: Optional[str], out: Path, batch_size:
         measured = measure(r, batch_size, iters, device)
         rows.append({
             "model": r.name,
+            "runtime": r.spec.runtime,
+            "precision": r.spec.precision,
             "baseline": r is base,
             "metric": r.metric,
             "delta": None if r.metric is None or base.metric is None else r.metric - base.metric,
@@ -312,7 +336,8 @@ def compare(args: Sequence[str], baseline: Optional[str], out: Path, batch_size:
     caption += "; mixed test data (see the table)" if mixed_data else ""
     caption += f"; not plotted, no {metric_key}: {', '.join(unscored)}" if unscored else ""
     if scored:
-        points = lambda x: [Point(x(row), (100 if percent else 1) * row["metric"], row["model"], row["baseline"])  # noqa: E731
+        points = lambda x: [Point(x(row), (100 if percent else 1) * row["metric"], row["model"], row["baseline"],  # noqa: E731
+                                  f"{row['runtime']} {row['precision']}")
                             for row in scored]
         draw_panels(
             [Panel(f"{metric_name} vs deploy throughput", f"images/s (batch {batch_size}, {device})", metric_name,

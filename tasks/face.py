@@ -106,10 +106,10 @@ class FaceTask(ReparamTask):
         """``(N, 3, H, W)`` → ``(N, D)`` L2-normalized embeddings, summed with the mirror image's first
         when ``flip_test`` (one forward pass of ``2N`` images)."""
         if self.hparams.flip_test:
-            both = self(torch.cat([x, x.flip(-1)]))
+            both = self.infer(torch.cat([x, x.flip(-1)]))
             emb = both[: x.shape[0]] + both[x.shape[0]:]
         else:
-            emb = self(x)
+            emb = self.infer(x)
         return F.normalize(emb.float(), dim=1)
 
     # ------------------------------------------------------------------ checkpoints
@@ -157,6 +157,8 @@ class FaceTask(ReparamTask):
         images_a, images_b, issame, index = batch
         n = images_a.shape[0]
         emb = self.embed(torch.cat([images_a, images_b]))
+        if self.trainer.testing:
+            self.count_test_images(2 * n)
         self.verification[self._key(self.set_names[dataloader_idx])].update(emb[:n], emb[n:], issame, index)
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -25,6 +25,7 @@ class Point:
     y: float
     label: str
     baseline: bool = False
+    group: str = ""  # e.g. the runtime and precision: one marker shape per group
 
 
 @dataclass
@@ -35,19 +36,28 @@ class Panel:
     points: list[Point] = field(default_factory=list)
 
 
+MARKERS = "os^vP*Xph"
+
+
 def _draw(ax: "plt.Axes", panel: Panel) -> None:
     for p in panel.points:
         if p.baseline:
             ax.axhline(p.y, color=RED, linestyle="--", linewidth=0.8, zorder=1)
     xs = [p.x for p in panel.points]
     middle = (min(xs) + max(xs)) / 2
+    groups = list(dict.fromkeys(p.group for p in panel.points))
     for p in sorted(panel.points, key=lambda q: q.baseline):  # the baseline on top
-        ax.scatter([p.x], [p.y], s=70 if p.baseline else 45, marker="D" if p.baseline else "o",
+        marker = MARKERS[groups.index(p.group) % len(MARKERS)]
+        ax.scatter([p.x], [p.y], s=70 if p.baseline else 45, marker="D" if p.baseline else marker,
                    color=RED if p.baseline else BLUE, zorder=3)
         right_half = p.x > middle  # named on the inner side, so the name stays inside the axes
         ax.annotate(p.label + (" (baseline)" if p.baseline else ""), (p.x, p.y), xytext=(-6 if right_half else 6, 6),
                     textcoords="offset points", ha="right" if right_half else "left", fontsize=8,
                     color=RED if p.baseline else "#282828")
+    if len(groups) > 1:  # a legend of the marker shapes
+        for group in groups:
+            ax.scatter([], [], marker=MARKERS[groups.index(group) % len(MARKERS)], color=BLUE, label=group)
+        ax.legend(fontsize=8, loc="best")
     ax.set_title(panel.title, fontsize=11)
     ax.set_xlabel(panel.xlabel)
     ax.set_ylabel(panel.ylabel)

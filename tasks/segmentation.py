@@ -27,6 +27,7 @@ from backbones.deploy.cpu_fusion import fuse_for_cpu
 from callbacks.segmentation_png import SegmentationPNGWriter
 from datamodules.cityscapes import CityscapesDataModule
 from tasks.base import ReparamTask
+from tasks.runtime import RuntimeSpec
 from tasks.heads.decode import FCNHead, PSPHead
 from tasks.lightning.cli import CONFIG_DIR, TaskCLI
 from tasks.metrics.segmentation import SegmentationIoU, check_label_range
@@ -172,23 +173,40 @@ class SegmentationTask(ReparamTask):
         images = images[..., :hc, :wc]
         return F.pad(images, (0, max(0, wc - w), 0, max(0, hc - h)))
 
-    def slide_logits(self, images: Tensor) -> Tensor:
-        """Sliding-window logits ``(N, C, H, W)``: windows of the backbone's input size, logits averaged."""
+    def _windows(self, images: Tensor) -> tuple[Tensor, list[tuple[int, int]]]:
+        """``images`` zero-padded to at least one window, and the top-left corners of the sliding windows."""
         hc, wc = self.window
         hs, ws = self.hparams.slide_stride or (max(1, 2 * hc // 3), max(1, 2 * wc // 3))
-        n, _, h, w = images.shape
+        h, w = images.shape[-2:]
         ph, pw = max(h, hc), max(w, wc)  # images smaller than a window are padded, then cropped back
         padded = F.pad(images, (0, pw - w, 0, ph - h)) if (ph, pw) != (h, w) else images
         rows = max(ph - hc + hs - 1, 0) // hs + 1
         cols = max(pw - wc + ws - 1, 0) // ws + 1
-        logits = images.new_zeros((n, self.num_classes, ph, pw))
-        count = images.new_zeros((1, 1, ph, pw))
-        for r in range(rows):
-            for c in range(cols):
-                y1, x1 = min(r * hs, ph - hc), min(c * ws, pw - wc)
-                logits[:, :, y1:y1 + hc, x1:x1 + wc] += self(padded[:, :, y1:y1 + hc, x1:x1 + wc])
-                count[:, :, y1:y1 + hc, x1:x1 + wc] += 1
+        return padded, [(min(r * hs, ph - hc), min(c * ws, pw - wc)) for r in range(rows) for c in range(cols)]
+
+    def slide_logits(self, images: Tensor) -> Tensor:
+        """Sliding-window logits ``(N, C, H, W)``: windows of the backbone's input size, logits averaged."""
+        hc, wc = self.window
+        n, _, h, w = images.shape
+        padded, corners = self._windows(images)
+        logits = images.new_zeros((n, self.num_classes, *padded.shape[-2:]))
+        count = images.new_zeros((1, 1, *padded.shape[-2:]))
+        for y1, x1 in corners:
+            logits[:, :, y1:y1 + hc, x1:x1 + wc] += self.infer(padded[:, :, y1:y1 + hc, x1:x1 + wc])
+            count[:, :, y1:y1 + hc, x1:x1 + wc] += 1
         return (logits / count)[:, :, :h, :w]
+
+    def use_runtime(self, spec: RuntimeSpec, calibration: Optional[list[Tensor]] = None) -> None:
+        if spec.runtime == "onnxruntime" and self.hparams.inference != "slide":
+            raise ValueError(f"--runtime onnxruntime runs the exported model on windows of {self.window[0]}x"
+                             f"{self.window[1]}: it needs model.inference slide, got {self.hparams.inference!r}")
+        super().use_runtime(spec, calibration)
+
+    def calibration_inputs(self, images: Tensor) -> Tensor:
+        """The sliding windows of ``images`` ``(M, 3, h, w)``: what the exported model (one window) sees."""
+        hc, wc = self.window
+        padded, corners = self._windows(images)
+        return torch.cat([padded[:, :, y1:y1 + hc, x1:x1 + wc] for y1, x1 in corners])
 
     def predict_probs(self, images: Tensor) -> Tensor:
         """Class probabilities ``(N, C, H, W)`` at the input resolution, over scales and flips."""
@@ -200,7 +218,7 @@ class SegmentationTask(ReparamTask):
                 images, scale_factor=scale, mode="bilinear", align_corners=hp.align_corners)
             for flip in ((False, True) if hp.flip else (False,)):
                 x = scaled.flip(-1) if flip else scaled
-                logits = self.slide_logits(x) if hp.inference == "slide" else self(x)
+                logits = self.slide_logits(x) if hp.inference == "slide" else self.infer(x)
                 logits = self._resize(logits.flip(-1) if flip else logits, size)
                 probs = logits.softmax(1)
                 total = probs if total is None else total + probs
@@ -232,6 +250,8 @@ class SegmentationTask(ReparamTask):
     def _eval_step(self, batch: Any, stage: str) -> None:
         images, labels = batch  # the metric checks the label range
         probs = self.predict_probs(images)
+        if stage == "test":
+            self.count_test_images(images.shape[0])
         getattr(self, f"{stage}_iou").update(probs.argmax(1), labels)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

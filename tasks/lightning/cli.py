@@ -27,7 +27,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 from pytorch_lightning import Trainer
@@ -41,6 +41,7 @@ from . import adapter
 from .checkpoint_io import CheckedCheckpointIO, is_local_path
 from .csv_logger import CheckpointedCSVLogger
 from .run_folder import RunLock, newest_state, remove_unused
+from ..runtime import PRECISIONS, RUNTIMES, RuntimeSpec
 
 __all__ = ["TaskCLI", "CONFIG_DIR", "DEFAULT_SEED"]
 
@@ -160,6 +161,12 @@ class TaskCLI(LightningCLI):
             "--test_after_fit", type=bool, default=True,
             help="fit only: test the converted model on the test split when fit ends",
         )
+        parser.add_argument("--runtime", type=Literal[RUNTIMES], default="torch",
+                            help="test and predict: what runs the model (tasks.runtime)")
+        parser.add_argument("--precision", type=Literal[PRECISIONS], default="fp32",
+                            help="test and predict: in what precision (bf16: torch; int8: onnxruntime)")
+        parser.add_argument("--calibration_images", type=int, default=256,
+                            help="int8: training images (chosen with seed_everything) that calibrate it")
         parser.link_arguments(
             ("model.backbone", "model.backbone_kwargs"), "data.image_size",
             compute_fn=_model_input_size, apply_on="parse",
@@ -248,7 +255,37 @@ class TaskCLI(LightningCLI):
             self._new_folder = folder
         self._lock = RunLock(folder).acquire()
 
-    before_fit = before_validate = before_test = before_predict = _hold_run_folder
+    def before_fit(self) -> None:
+        if self._runtime_spec() != RuntimeSpec():
+            raise ValueError("fit tests the fp32 torch model; test a runtime or precision afterwards: "
+                             "python -m tasks.<task> test --config RUN/config.yaml --ckpt_path RUN/deploy.ckpt "
+                             "--runtime R --precision P")
+        self._hold_run_folder()
+
+    def before_validate(self) -> None:
+        self._hold_run_folder()
+
+    def before_test(self) -> None:
+        self._hold_run_folder()
+        self._use_runtime()
+
+    before_predict = before_test
+
+    def _runtime_spec(self) -> RuntimeSpec:
+        config = self.config[self.subcommand]
+        return RuntimeSpec(config.runtime, config.precision, config.calibration_images, seed=config.seed_everything)
+
+    def _use_runtime(self) -> None:
+        """Give the task the runtime of ``--runtime``/``--precision``, and for onnxruntime the
+        training images that check the export and calibrate INT8."""
+        spec = self._runtime_spec()
+        calibration = None
+        if spec.runtime == "onnxruntime":
+            if not hasattr(self.datamodule, "calibration_batches"):
+                raise ValueError(f"--runtime onnxruntime needs calibration images from the datamodule; "
+                                 f"{type(self.datamodule).__name__} offers none")
+            calibration = self.datamodule.calibration_batches(spec.calibration_images, spec.seed)
+        self.model.use_runtime(spec, calibration)
 
     def _end_run(self, failed: bool) -> None:
         if self._lock is not None:

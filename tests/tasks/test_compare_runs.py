@@ -124,3 +124,25 @@ def test_a_field_of_the_wrong_type_is_named(tmp_path, plotted, capsys, field, va
     err = capsys.readouterr().err
     expected = f"{b}: missing {field}" if value is None else f"{b}: field {field!r} must be"
     assert expected in err and not (tmp_path / "cmp").exists()
+
+
+def test_each_runtime_and_precision_is_a_row_measured_against_the_baselines_fp32_torch_row(tmp_path, plotted, capsys):
+    base = _run(tmp_path, "b", metrics={"test/top1": 0.8})
+    fp32 = _run(tmp_path, "r", metrics={"test/top1": 0.9})
+    int8 = _run(tmp_path, "r_int8", backbone="r", runtime="onnxruntime", precision="int8", metrics={"test/top1": 0.85})
+    base_bf16 = _run(tmp_path, "b_bf16", backbone="b", runtime="torch", precision="bf16", metrics={"test/top1": 0.79})
+    assert _compare(tmp_path, base_bf16, fp32, int8, base, "--baseline", "b") == 0
+    rows = {row["model"]: row for row in csv.DictReader(open(tmp_path / "cmp" / "comparison.csv"))}
+    assert set(rows) == {"b", "b [torch bf16]", "r", "r [onnxruntime int8]"}
+    assert rows["b"]["baseline"] == "True" and rows["b [torch bf16]"]["baseline"] == "False"
+    assert (rows["r [onnxruntime int8]"]["runtime"], rows["r [onnxruntime int8]"]["precision"]) == ("onnxruntime", "int8")
+    assert float(rows["r [onnxruntime int8]"]["delta"]) == pytest.approx(0.05)
+    assert float(rows["b [torch bf16]"]["delta"]) == pytest.approx(-0.01)
+    assert {p.group for p in plotted.panels[0].points} == {"torch fp32", "torch bf16", "onnxruntime int8"}
+    assert "| r [onnxruntime int8] | 85.00 | +5.00 |" in (tmp_path / "cmp" / "comparison.md").read_text()
+
+
+def test_a_runtime_field_out_of_its_choices_is_named(tmp_path, plotted, capsys):
+    bad = _run(tmp_path, "a", runtime="tensorrt")
+    assert _compare(tmp_path, bad) == 2
+    assert f"{bad}: field 'runtime' must be one of torch, onnxruntime" in capsys.readouterr().err

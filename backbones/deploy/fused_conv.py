@@ -62,9 +62,11 @@ _enabled = True
 # The fused kernel has a larger fixed cost per call than the plain conv; from outputs of about this
 # many elements on, the reorder and the passes it saves repay it (figures: README, Performance).
 MIN_FUSED_OUTPUT = 1 << 12
-# conv -> ((weight storage, version, dtype), its weight in oneDNN's blocked layout); the dtype
-# because a cast back and forth may land on a freed storage's address with the version unchanged
-_PACKED: "weakref.WeakKeyDictionary[nn.Conv2d, tuple[tuple[int, int, torch.dtype], Tensor]]" = weakref.WeakKeyDictionary()
+# conv -> ((weight storage, version), the weight it was packed from, its weight in oneDNN's
+# blocked layout). Holding that weight keeps its storage alive, so a new weight (a cast, a .data
+# assignment, which keeps the version) can never reuse its address and pass for it.
+_PACKED: "weakref.WeakKeyDictionary[nn.Conv2d, tuple[tuple[int, int], Tensor, Tensor]]" = (
+    weakref.WeakKeyDictionary())
 
 
 @contextlib.contextmanager
@@ -140,12 +142,12 @@ def _packed_weight(conv: nn.Conv2d, geometry: tuple, x: Tensor) -> Tensor:
     The layout depends on the weight's shape and the conv's geometry, not on the input's size
     (tested): the first input only serves as the example oneDNN asks for."""
     weight = conv.weight
-    key = (weight.data_ptr(), weight._version, weight.dtype)
+    key = (weight.data_ptr(), weight._version)
     entry = _PACKED.get(conv)
     if entry is None or entry[0] != key:
-        entry = key, _REORDER_WEIGHT(weight.detach().to_mkldnn(), *geometry, list(x.shape))
+        entry = key, weight.detach(), _REORDER_WEIGHT(weight.detach().to_mkldnn(), *geometry, list(x.shape))
         _PACKED[conv] = entry
-    return entry[1]
+    return entry[2]
 
 
 def conv_act(conv: nn.Conv2d, x: Tensor, act: nn.Module, residual: Optional[Tensor] = None) -> Tensor:

@@ -99,7 +99,7 @@ def test_packed_weight_follows_a_cast(dtypes, monkeypatch):
         assert max_relative_error(F.relu(conv(x)), conv_act(conv, x, nn.ReLU())) <= 1e-6
         conv.bfloat16()
         conv_act(conv, x.bfloat16(), nn.ReLU())
-    assert fused_conv._PACKED[conv][1].dtype == torch.bfloat16
+    assert fused_conv._PACKED[conv][-1].dtype == torch.bfloat16
     assert dtypes == [torch.float32, torch.float32, torch.bfloat16]
 
 

@@ -1,7 +1,7 @@
 """Re-parameterization benchmark: convert every registered model, check it, and time both forms.
 
 Run ``python -m bench.reparam [--models GLOB ...] [--batch 8] [--repeats N] [--threads T]
-[--markdown FILE] [--sections ...]``. It prints markdown with four sections:
+[--markdown FILE] [--sections ...]``. It prints markdown with five sections:
 
 1. one row per registered model (``backbones.list_models()`` filtered by ``--models``): parameters
    of the train-time and deploy forms, multiply-adds of the deploy form at the model's native
@@ -15,7 +15,9 @@ Run ``python -m bench.reparam [--models GLOB ...] [--batch 8] [--repeats N] [--t
 3. the deploy RepMLP block alone, one row per block shape of the selected models, with every
    exact FC3 formulation we know of timed side by side (each is checked against the block first);
 4. training cost of ``--train-model`` (ResNet-18) built with each 3x3 ``conv_type`` (ConvBN, ACB,
-   DBB, OREPA): time per training step and the activation memory autograd keeps, vs DBB.
+   DBB, OREPA): time per training step and the activation memory autograd keeps, vs DBB;
+5. bf16 vs float32 inference of the deploy ResNet-50 and RepMLP-Res50 (224) with the CPU fusion
+   pass in both (:func:`backbones.deploy.to_bf16`), on CPUs with native bf16 only.
 
 Timing method: the machine is shared, so no figure is meant to be read on its own. Every
 comparison is measured in one process, with the variants interleaved (A, B, A, B, ...; the order
@@ -51,6 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import backbones
 from backbones.complexity import count_macs, count_params, input_channels
+from backbones.deploy import Bf16Inference, bf16_supported, to_bf16
 from backbones.deploy.fused_conv import fusion, fusion_enabled
 from backbones.layers.repmlp import RepMLP
 
@@ -60,7 +63,9 @@ TARGET_BATCH = 8
 THROUGHPUT_MODELS = ("resnet50", "repmlp_res50_g8_224", "repmlp_res50_light_224")
 VERIFY_RTOL = 1e-5  # every FC3 formulation must match the block to this relative error
 NEAR_FASTEST = 0.03  # "within noise" band for the per-shape FC3 verdict
-SECTIONS = ("models", "throughput", "fc3", "train")
+SECTIONS = ("models", "throughput", "fc3", "train", "bf16")
+BF16_MODELS = ("resnet50", "repmlp_res50_g8_224")
+BF16_TARGET = 3.0  # the issue: bf16 deploy >= 3x the float32 deploy at batch 8 (aim 4x)
 TRAIN_CONV_TYPES = ("conv", "acb", "dbb", "orepa")  # section 4, on --train-model
 
 # Time budgets (seconds of timed rounds) when --repeats is not given, and the round limits.
@@ -69,6 +74,7 @@ TARGET_BUDGET_S, TARGET_REPS = 60.0, (3, 75)  # the target's ratio is within a f
 THROUGHPUT_BUDGET_S, THROUGHPUT_REPS = 40.0, (5, 25)
 BLOCK_BUDGET_S, BLOCK_REPS = 4.0, (10, 200)
 TRAIN_BUDGET_S, TRAIN_REPS = 30.0, (3, 20)
+BF16_BUDGET_S, BF16_REPS = 30.0, (5, 25)
 
 
 # ============================================================================ output
@@ -751,6 +757,37 @@ def section_train(args: argparse.Namespace, out: Report) -> None:
     out()
 
 
+# ============================================================================ section 5
+def section_bf16(names: list[str], args: argparse.Namespace, out: Report) -> None:
+    out(f"## 5. bf16 vs float32 deploy inference (batch {args.batch}, 224x224, CPU fusion pass in both)")
+    out()
+    if not bf16_supported():
+        out("Skipped: this CPU has no native bf16 (`backbones.deploy.bf16_supported()` is False).")
+        out()
+        return
+    rows = []
+    for i, name in enumerate(n for n in BF16_MODELS if n in names):
+        progress(f"bf16: {name}")
+        fp32 = backbones.reparameterize_model(randomize_bn(backbones.create(name), 500 + i))
+        bf16 = Bf16Inference(to_bf16(copy.deepcopy(fp32)))
+        x = torch.randn(args.batch, 3, 224, 224)
+        with torch.inference_mode():
+            error = backbones.max_relative_error(fp32(x), bf16(x))
+        timings = interleaved({"float32": lambda: fp32(x), "bf16": lambda: bf16(x)}, args.repeats, BF16_BUDGET_S,
+                              BF16_REPS)
+        verdict = "meets" if timings.ratio("float32", "bf16") >= BF16_TARGET else "misses"
+        rows.append([f"`{name}`", f"{timings.median_ms('float32'):.1f}", f"{timings.median_ms('bf16'):.1f}",
+                     timings.ratio_text("float32", "bf16"), fmt_err(error), f"{verdict} {BF16_TARGET:g}x",
+                     f"{timings.rounds} (+{100 * timings.spread():.0f}%)"])
+    out.table(["model (deploy)", "float32 ms", "bf16 ms", "bf16 speed-up (per-round IQR)", "max rel. error",
+               "target", "rounds (noise)"], rows)
+    out()
+    out("Both run the fused oneDNN convs; bf16 also casts the input to bf16 channels_last and the output "
+        "back to float32 (`Bf16Inference`). On a loaded machine 2 threads can run slower than 1 "
+        "(a descheduled thread stalls every kernel): compare `--threads 1` too.")
+    out()
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.reparam", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["*"], metavar="GLOB",
@@ -819,6 +856,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if "train" in args.sections:
         section_train(args, out)
+    if "bf16" in args.sections:
+        section_bf16(names, args, out)
 
     out(f"Total run time {time.perf_counter() - started:.0f} s; load average at end: "
         f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}.")

@@ -13,14 +13,16 @@ and is rebuilt when the weight changes: another tensor, or an in-place write (it
 With a blocked weight oneDNN returns a channels_last output whatever the input's layout, so the
 layers after a fused conv run in that layout too (as after ``ReparamLargeKernelConv``).
 
-:func:`conv_act` takes the fused kernel only where it applies and pays: float32 CPU tensors, zero
-padding, outputs of ``MIN_FUSED_OUTPUT`` elements or more, nothing that needs autograd, and no
+:func:`conv_act` takes the fused kernel only where it applies and pays: CPU tensors all float32, or
+all bfloat16 on a CPU that runs bf16 natively (:func:`backbones.deploy.precision.bf16_supported`;
+the bias too: oneDNN's fused add takes no float32 bias under a bf16 input), zero padding, outputs of ``MIN_FUSED_OUTPUT`` elements or more, nothing that needs autograd, and no
 tracing, compiling or dispatch mode (``torch.export`` and ``FlopCounterMode`` must see a plain
 conv). Everything else, and everything inside ``with fusion(False):``, runs the plain ops.
 """
 from __future__ import annotations
 
 import contextlib
+import platform
 import weakref
 from collections.abc import Iterator
 from typing import Optional
@@ -42,12 +44,29 @@ except ImportError:  # pragma: no cover - a torch without it: treat a mode as ac
     _get_current_dispatch_mode = None
 
 _AVAILABLE = _POINTWISE is not None and torch.backends.mkldnn.is_available()
+
+
+def _native_bf16() -> bool:
+    # oneDNN's own check accepts any AVX-512 core, where it emulates bf16 slower than float32; a
+    # native bf16 dot product (AVX512_BF16, and AMX with it) is what makes bf16 pay on x86
+    if not (_AVAILABLE and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+    return True  # on Arm oneDNN's check is the BF16 extension itself
+
+
+# the dtypes the fused kernel takes: all of a conv's tensors in one of them
+_DTYPES = (torch.float32, torch.bfloat16) if _native_bf16() else (torch.float32,)
 _enabled = True
 # The fused kernel has a larger fixed cost per call than the plain conv; from outputs of about this
 # many elements on, the reorder and the passes it saves repay it (figures: README, Performance).
 MIN_FUSED_OUTPUT = 1 << 12
-# conv -> ((weight storage, weight version), its weight in oneDNN's blocked layout)
-_PACKED: "weakref.WeakKeyDictionary[nn.Conv2d, tuple[tuple[int, int], Tensor]]" = weakref.WeakKeyDictionary()
+# conv -> ((weight storage, version), the weight it was packed from, its weight in oneDNN's
+# blocked layout). Holding that weight keeps its storage alive, so a new weight (a cast, a .data
+# assignment, which keeps the version) can never reuse its address and pass for it.
+_PACKED: "weakref.WeakKeyDictionary[nn.Conv2d, tuple[tuple[int, int], Tensor, Tensor]]" = (
+    weakref.WeakKeyDictionary())
 
 
 @contextlib.contextmanager
@@ -71,10 +90,14 @@ def packed_weight_count() -> int:
     return len(_PACKED)
 
 
-def clear_packed_weights() -> None:
-    """Drop every packed weight (they are rebuilt on next use). Needed only after writing a
-    weight through ``.data``, which bypasses the version counter that invalidates them."""
-    _PACKED.clear()
+def clear_packed_weights(model: Optional[nn.Module] = None) -> None:
+    """Drop the packed weights of ``model``'s convs, or every one (they are rebuilt on next use).
+    Needed only after writing a weight through ``.data``, which bypasses the version counter that
+    invalidates them; a cast frees the old ones sooner."""
+    if model is None:
+        _PACKED.clear()
+    for module in model.modules() if model is not None else ():
+        _PACKED.pop(module, None)
 
 
 def _dispatch_mode_active() -> bool:
@@ -95,12 +118,13 @@ def _fusable(conv: nn.Conv2d, x: Tensor, residual: Optional[Tensor]) -> bool:
     stride = conv.stride
     if x.numel() * conv.out_channels < MIN_FUSED_OUTPUT * conv.in_channels * stride[0] * stride[1]:
         return False
-    if not fusion_enabled() or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4:
+    dtype = x.dtype
+    if not fusion_enabled() or x.device.type != "cpu" or dtype not in _DTYPES or x.dim() != 4:
         return False
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return False
     tensors = [conv.weight] + [t for t in (conv.bias, residual) if t is not None]
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+    if any(t.device.type != "cpu" or t.dtype != dtype for t in tensors):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *tensors)):
         return False
@@ -121,9 +145,9 @@ def _packed_weight(conv: nn.Conv2d, geometry: tuple, x: Tensor) -> Tensor:
     key = (weight.data_ptr(), weight._version)
     entry = _PACKED.get(conv)
     if entry is None or entry[0] != key:
-        entry = key, _REORDER_WEIGHT(weight.detach().to_mkldnn(), *geometry, list(x.shape))
+        entry = key, weight.detach(), _REORDER_WEIGHT(weight.detach().to_mkldnn(), *geometry, list(x.shape))
         _PACKED[conv] = entry
-    return entry[1]
+    return entry[2]
 
 
 def conv_act(conv: nn.Conv2d, x: Tensor, act: nn.Module, residual: Optional[Tensor] = None) -> Tensor:

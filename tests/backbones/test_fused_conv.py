@@ -131,14 +131,14 @@ def test_packed_weight_is_reused_and_rebuilt_when_the_weight_changes(calls):
         with torch.no_grad():
             out = conv_act(conv, x, nn.ReLU())
             assert max_relative_error(F.relu(conv(x)), out) <= 1e-6
-        return fused_conv._PACKED[conv][1]
+        return fused_conv._PACKED[conv][-1]
 
     first = check()
     assert check() is first  # reused, not reordered per call
     y = torch.randn(3, 6, 12, 5)  # another input size runs on the same packed weight
     with torch.no_grad():
         assert max_relative_error(F.relu(conv(y)), conv_act(conv, y, nn.ReLU())) <= 1e-6
-    assert fused_conv._PACKED[conv][1] is first
+    assert fused_conv._PACKED[conv][-1] is first
     with torch.no_grad():
         conv.weight.mul_(-2)  # in-place write, as optimizers and initializers do
     assert check() is not first

@@ -1,4 +1,4 @@
-"""bench.reparam's training-cost section (section 4) and its memory measure."""
+"""bench.reparam's training-cost section (section 4) and its memory measure; the bf16 section (5)."""
 from __future__ import annotations
 
 import subprocess
@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import backbones
+from backbones.deploy import bf16_supported
 from bench.reparam import conv_profile, matmul_gmacs_per_s, saved_activation_bytes
 from conftest import REPO
 
@@ -47,3 +48,16 @@ def test_conv_profile_counts_plain_and_fused_convs_and_their_macs():
 
 def test_matmul_rate_is_a_positive_rate():
     assert 0.1 < matmul_gmacs_per_s(n=256, runs=3) < 1e5
+
+
+def test_bf16_section_times_both_precisions_or_says_why_not():
+    proc = subprocess.run([sys.executable, "-m", "bench.reparam", "--sections", "bf16", "--models", "resnet50",
+                           "--batch", "1", "--repeats", "1", "--threads", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if not bf16_supported():
+        assert "Skipped: this CPU has no native bf16" in proc.stdout
+        return
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| `")]
+    assert [r[0].strip() for r in rows] == ["`resnet50`"]
+    assert 0 < float(rows[0][4]) <= 3e-2  # bf16's rounding, as in tests/backbones/test_bf16_deploy.py

@@ -51,8 +51,57 @@ def test_segmentation_calibrates_on_the_windows_it_runs():
 
 
 def _classifier(deploy: bool = True) -> ClassificationTask:
-    task = ClassificationTask(backbone="repmlp_res_tiny", num_classes=7)
+    task = ClassificationTask(backbone="repmlp_res_tiny", num_classes=7, backbone_kwargs={"img_size": 64})
     randomize_bn(perturb_params(task.backbone))
     if deploy:
         task.convert_to_deploy()
     return task.eval()
+
+
+@pytest.mark.skipif(not __import__("backbones.deploy", fromlist=["bf16_supported"]).bf16_supported(),
+                    reason="this CPU has no native bf16")
+def test_bf16_runner_runs_the_deploy_model_in_bf16_and_gives_the_fp32_weights_back():
+    task = _classifier()
+    before = {k: v.clone() for k, v in task.state_dict().items()}
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        reference = task(x)
+        runner = build_runner(task, RuntimeSpec("torch", "bf16"))
+        assert next(task.backbone.parameters()).dtype == torch.bfloat16
+        out = runner(x)
+    assert out.dtype == torch.float32 and runner.calls == 1 and runner.batch_size == 4 and runner.seconds > 0
+    error = ((out - reference).abs().max() / reference.abs().max()).item()
+    assert 0 < error < 3e-2
+    runner.close()
+    after = task.state_dict()
+    assert all(after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_train_time_model_is_converted_before_it_runs_elsewhere(capsys):
+    pytest.importorskip("onnxruntime")
+    task = _classifier(deploy=False)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        reference = task(x)
+        runner = build_runner(task, RuntimeSpec("onnxruntime", "fp32"), [x])
+        out = runner(x)
+    assert task.deploy and "converting the train-time model to its deploy form first" in capsys.readouterr().out
+    assert ((out - reference).abs().max() / reference.abs().max()).item() < 1e-4
+    runner.close()
+
+
+def test_onnxruntime_int8_runner_keeps_the_predictions_of_the_calibrated_model():
+    pytest.importorskip("onnxruntime")
+    task = _classifier()
+    generator = torch.Generator().manual_seed(0)
+    calibration = [torch.randn(8, 3, 64, 64, generator=generator) for _ in range(4)]
+    x = torch.randn(16, 3, 64, 64, generator=generator)
+    with torch.no_grad():
+        reference = task(x)
+        runner = build_runner(task, RuntimeSpec("onnxruntime", "int8"), calibration)
+        out = runner(x)
+    assert runner.files[0].name == "model.int8.onnx" and runner.files[0].is_file()
+    agree = (out.argmax(1) == reference.argmax(1)).float().mean().item()
+    assert agree >= 0.75, agree
+    runner.close()
+    assert not runner.files[0].exists()  # the temporary export goes with the runner

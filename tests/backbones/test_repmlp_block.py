@@ -126,6 +126,7 @@ def test_deploy_block_backpropagates_and_matches_its_no_grad_output():
     out.square().mean().backward()
     assert x.grad.abs().sum() > 0 and block.fc1.weight.grad.abs().sum() > 0 and block.fc3.weight.grad.abs().sum() > 0
 
+
 def test_deploy_block_exports_with_a_dynamic_batch_under_no_grad():
     """torch.export with a dynamic batch, decomposed as the ONNX exporter does, gives the block's
     outputs at another batch size (the no-grad out= path broke the decomposition)."""

@@ -33,7 +33,9 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=7"],
-        "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
+        # backbones.deploy.onnx: the dynamo exporter translates through onnxscript; bounded below by
+        # the releases tested
+        "onnx": ["onnx>=1.23", "onnxruntime>=1.32", "onnxscript>=0.7"],
         # mmcv (needed by mmsegmentation) must be installed first: see README.
         "mmseg": ["mmsegmentation==1.2.2", "ftfy", "regex"],
     },

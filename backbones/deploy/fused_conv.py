@@ -115,8 +115,10 @@ def _output_shape(conv: nn.Conv2d, x: Tensor) -> tuple[int, ...]:
 def _fusable(conv: nn.Conv2d, x: Tensor, residual: Optional[Tensor]) -> bool:
     # cheapest checks first: this runs for every deploy conv of every forward (the size test
     # estimates the output from the input, so that small convs pay a few attribute reads only)
-    stride = conv.stride
-    if x.numel() * conv.out_channels < MIN_FUSED_OUTPUT * conv.in_channels * stride[0] * stride[1]:
+    stride, numel = conv.stride, x.numel()
+    # a symbolic size (export or compile with a dynamic dim) must not reach the comparison: it would
+    # become a guard on that dim (``batch < 8/3``), which torch.export rejects
+    if type(numel) is not int or numel * conv.out_channels < MIN_FUSED_OUTPUT * conv.in_channels * stride[0] * stride[1]:
         return False
     dtype = x.dtype
     if not fusion_enabled() or x.device.type != "cpu" or dtype not in _DTYPES or x.dim() != 4:

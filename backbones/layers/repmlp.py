@@ -218,8 +218,10 @@ class RepMLP(ReparamBlock):
         parts = x.new_empty(g, n, hp, wp, cg, h, w)
         if self.has_global_perceptron:
             v = self._global_vector(x).reshape(n, g, cg, hp, 1, wp, 1).permute(1, 0, 3, 5, 2, 4, 6)
-            if torch.is_grad_enabled() and (src.requires_grad or v.requires_grad):
-                parts.copy_(src).add_(v)  # autograd takes no out= argument
+            # autograd takes no out= argument; export and compile functionalize out= into an add that
+            # keeps src's permuted strides, which the view below cannot take (the ONNX export failed)
+            if (torch.is_grad_enabled() and (src.requires_grad or v.requires_grad)) or torch.compiler.is_compiling():
+                parts.copy_(src).add_(v)
             else:
                 torch.add(src, v, out=parts)
         else:

@@ -126,6 +126,18 @@ def test_deploy_block_backpropagates_and_matches_its_no_grad_output():
     out.square().mean().backward()
     assert x.grad.abs().sum() > 0 and block.fc1.weight.grad.abs().sum() > 0 and block.fc3.weight.grad.abs().sum() > 0
 
+
+def test_deploy_block_exports_with_a_dynamic_batch_under_no_grad():
+    """torch.export with a dynamic batch, decomposed as the ONNX exporter does, gives the block's
+    outputs at another batch size (the no-grad out= path broke the decomposition)."""
+    block = reparameterize_model(randomize_bn(RepMLP(8, 16, (13, 11), (7, 5), (1, 3), groups=2, pad_input=True)))
+    with torch.no_grad():
+        program = torch.export.export(block, (torch.randn(2, 8, 13, 11),),
+                                      dynamic_shapes=({0: torch.export.Dim("batch")},)).run_decompositions()
+        x = torch.randn(3, 8, 13, 11)
+        assert max_relative_error(block(x), program.module()(x)) <= 1e-6
+
+
 # ---------------------------------------------------------------- bad input: clear errors
 def test_wrong_input_size_names_expected_and_actual():
     block = RepMLP(8, 8, (14, 14), (7, 7))

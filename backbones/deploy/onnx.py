@@ -63,6 +63,8 @@ def export_onnx(model: nn.Module, example: Tensor, path: PathLike, opset: Option
     onnx = _require("onnx")
     _require("onnxscript")  # the dynamo exporter translates through it
     path = Path(path)
+    if example.shape[0] == 1:  # torch.export fixes a size-1 dimension to 1: trace at 2 to keep the batch symbolic
+        example = example.expand(2, *example.shape[1:]).clone()
     training = model.training
     model.eval()
 

@@ -148,3 +148,13 @@ def test_bad_arguments_are_named(tmp_path):
         OnnxModel(tmp_path / "absent.onnx")
     with pytest.raises(FileNotFoundError, match="src=.*absent.onnx"):
         quantize_int8(tmp_path / "absent.onnx", tmp_path / "q.onnx", [])
+
+
+def test_an_example_of_one_image_still_exports_a_dynamic_batch(tmp_path):
+    """torch.export fixes a dimension of size 1: the exporter traces at batch 2 instead."""
+    model = backbones.reparameterize_model(randomize_bn(backbones.create("resnet_tiny"))).eval()
+    path = export_onnx(model, torch.randn(1, 3, 33, 31), tmp_path / "m.onnx")
+    assert onnx.load(path).graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    x = torch.randn(3, 3, 33, 31)
+    with torch.no_grad():
+        assert max_relative_error(model(x), OnnxModel(path)(x)) <= 1e-4

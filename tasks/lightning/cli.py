@@ -256,7 +256,7 @@ class TaskCLI(LightningCLI):
         self._lock = RunLock(folder).acquire()
 
     def before_fit(self) -> None:
-        if self._runtime_spec() != RuntimeSpec():
+        if not self._runtime_spec().is_default:
             raise ValueError("fit tests the fp32 torch model; test a runtime or precision afterwards: "
                              "python -m tasks.<task> test --config RUN/config.yaml --ckpt_path RUN/deploy.ckpt "
                              "--runtime R --precision P")

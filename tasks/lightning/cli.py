@@ -14,6 +14,9 @@
   folder it created (:mod:`tasks.lightning.run_folder`);
 - checkpoints are written atomically and an unreadable one is named (:mod:`tasks.lightning.checkpoint_io`);
 - ``fit`` is followed by ``test`` of the converted model (``--test_after_fit false`` to skip);
+- ``test`` and ``predict`` run the model on ``--runtime torch|onnxruntime`` in ``--precision
+  fp32|bf16|int8`` (:mod:`tasks.runtime`); onnxruntime also gets ``--calibration_images`` training
+  images, seeded by ``seed_everything``, to check the export and calibrate INT8;
 - ``--ckpt_path`` is Lightning's: a task checkpoint of this project, to resume or to evaluate,
   loaded into the model the config describes (use the run's saved ``config.yaml``); a checkpoint
   of another backbone, class count or mode is explained, and a deploy checkpoint turns the model
@@ -255,14 +258,18 @@ class TaskCLI(LightningCLI):
             self._new_folder = folder
         self._lock = RunLock(folder).acquire()
 
-    def before_fit(self) -> None:
+    def _fp32_only(self) -> None:
         if not self._runtime_spec().is_default:
-            raise ValueError("fit tests the fp32 torch model; test a runtime or precision afterwards: "
-                             "python -m tasks.<task> test --config RUN/config.yaml --ckpt_path RUN/deploy.ckpt "
+            raise ValueError(f"{self.subcommand} runs the fp32 torch model; --runtime and --precision are for test and "
+                             "predict: python -m tasks.<task> test --config RUN/config.yaml --ckpt_path RUN/deploy.ckpt "
                              "--runtime R --precision P")
+
+    def before_fit(self) -> None:
+        self._fp32_only()
         self._hold_run_folder()
 
     def before_validate(self) -> None:
+        self._fp32_only()
         self._hold_run_folder()
 
     def before_test(self) -> None:

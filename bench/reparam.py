@@ -774,30 +774,21 @@ RUNTIME_ROWS = {"torch fp32": ("torch", "fp32"), "torch bf16": ("torch", "bf16")
                 "ort int8": ("onnxruntime", "int8"), "pt2e int8": ("torch PT2E, compiled", "int8")}
 
 
-def _ort_session(model: bytes | str) -> Any:
-    """An ONNX Runtime CPU session with ``torch.get_num_threads()`` threads and spinning off, as
-    :class:`backbones.deploy.OnnxModel` makes: a spinning pool would take the cores from the next timed call."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-
-
 def roof_matmuls(n: int = ROOF_N) -> dict[str, Callable[[], Any]]:
     """One n x n x n matrix multiply per precision, timed alongside the models as their roofs:
     fp32 and bf16 as ``torch.mm`` (oneDNN, which runs the convs too; bf16 only with native bf16);
     int8 as ONNX Runtime's ``MatMulInteger`` (uint8 x int8 → int32), i.e. MLAS's U8S8 GEMM, the
     kernels behind the INT8 model's QLinearConv/QDQ ops, which use AVX512-VNNI or AMX where the CPU
     has them. (``torch._int_mm`` also runs on CPU, but its rate swung 45–500 GMAC/s between tries
-    here, and the int8 models timed are ONNX Runtime's.) Needs onnxruntime for int8."""
+    here, and the int8 models timed are ONNX Runtime's.) Needs onnxruntime for int8. The fp32 roof
+    serves the ONNX Runtime fp32 rows too (MLAS's SGEMM reached it within a few % here)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     fns: dict[str, Callable[[], Any]] = {"fp32": lambda: a @ b}
     if bf16_supported():
         a16, b16 = a.bfloat16(), b.bfloat16()
         fns["bf16"] = lambda: a16 @ b16
     if _has_onnxruntime():
+        import onnxruntime as ort
         from onnx import TensorProto, helper, numpy_helper
 
         gen = torch.Generator().manual_seed(0)
@@ -806,7 +797,11 @@ def roof_matmuls(n: int = ROOF_N) -> dict[str, Callable[[], Any]]:
                                   [helper.make_tensor_value_info("A", TensorProto.UINT8, [n, n])],
                                   [helper.make_tensor_value_info("Y", TensorProto.INT32, [n, n])],
                                   [numpy_helper.from_array(weight, "B")])
-        session = _ort_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+        options = ort.SessionOptions()  # as OnnxModel's: torch's thread count, no spinning after each run
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                                       .SerializeToString(), options, providers=["CPUExecutionProvider"])
         feed = {"A": torch.randint(0, 256, (n, n), dtype=torch.uint8, generator=gen).numpy()}
         fns["int8"] = lambda: session.run(None, feed)
     return fns
@@ -843,7 +838,7 @@ def section_runtimes(names: list[str], args: argparse.Namespace, out: Report) ->
     if not has_bf16:
         out("No torch bf16 rows: this CPU has no native bf16 (`backbones.deploy.bf16_supported()` is False).")
     if not has_ort:
-        out(f"No onnxruntime rows: the onnx extra is not installed (`pip install -e \".[onnx]\"`).")
+        out("No onnxruntime rows: the onnx extra is not installed (`pip install -e \".[onnx]\"`).")
     rows, roof_rows, notes = [], [], []
     roofs = {f"roof {k}": fn for k, fn in roof_matmuls().items()}
     with tempfile.TemporaryDirectory() as folder:
@@ -942,7 +937,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=None, metavar="GLOB",
                         help="shell-style patterns over backbones.list_models() (default: all; section "
                              f"runtimes: {' '.join(RUNTIME_MODELS)})")
-    parser.add_argument("--batch", type=int, default=TARGET_BATCH, help="batch size of the latency measurements")
+    parser.add_argument("--batch", type=int, default=TARGET_BATCH, help="sections 1-3: batch size of the latency measurements")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed rounds per comparison (default: from a time budget per comparison)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -956,12 +951,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--train-size", type=int, default=224, help="section 4: input size (default: 224)")
     parser.add_argument("--train-batch", type=int, default=32,
                         help="section 4: batch size (default: 32, the OREPA paper's batch per GPU)")
-    parser.add_argument("--batches", type=int, nargs="+", default=list(RUNTIME_BATCHES),
+    parser.add_argument("--batches", type=int, nargs="+", default=list(RUNTIME_BATCHES), metavar="N",
                         help="section 5: batch sizes (default: 1 8)")
     parser.add_argument("--pt2e", action="store_true",
                         help="section 5: also torchao's PT2E x86 INT8, compiled per model and batch (minutes each)")
     args = parser.parse_args(argv)
-    if args.batch < 1 or min(args.batches) < 1 or (args.repeats is not None and args.repeats < 1) or (args.threads is not None and args.threads < 1):
+    if min(args.batch, *args.batches, *(v for v in (args.repeats, args.threads) if v is not None)) < 1:
         parser.error("--batch, --batches, --repeats and --threads must be positive")
     return args
 
@@ -988,6 +983,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"mkldnn {'on' if (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled) else 'off'}, Python {platform.python_version()}")
     out(f"- CPU: {cpu_name()}; load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     out(f"- models: {', '.join(names)}")
+    if "runtimes" in args.sections and not args.models:
+        out(f"- models of section 5 (its default list): {', '.join(RUNTIME_MODELS)}")
     out(f"- timing: interleaved rounds (order alternating), warm-up first, `torch.inference_mode`, medians; "
         f"batch {args.batch}; rounds {'fixed at ' + str(args.repeats) if args.repeats else 'from a time budget per comparison'}; "
         f"memory format {'channels_last' if args.channels_last else 'NCHW (contiguous)'}")

@@ -51,8 +51,8 @@ def test_matmul_rate_is_a_positive_rate():
 
 
 def test_runtimes_section_times_every_runtime_against_torch_fp32_and_its_roof():
-    proc = subprocess.run([sys.executable, "-m", "bench.reparam", "--sections", "runtimes", "--models", "repvgg_a0_tiny",
-                           "--batches", "1", "2", "--repeats", "1", "--threads", "1"],
+    proc = subprocess.run([sys.executable, "-m", "bench.reparam", "--sections", "runtimes",
+                           "--models", "repvgg_a0_tiny", "--batches", "1", "2", "--repeats", "1", "--threads", "1"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     tables = [[line.split("|")[1:-1] for line in block.splitlines()[2:]]

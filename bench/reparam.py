@@ -1,7 +1,7 @@
 """Re-parameterization benchmark: convert every registered model, check it, and time both forms.
 
 Run ``python -m bench.reparam [--models GLOB ...] [--batch 8] [--repeats N] [--threads T]
-[--markdown FILE] [--sections ...]``. It prints markdown with five sections:
+[--markdown FILE] [--sections ...] [--batches 1 8] [--pt2e]``. It prints markdown with five sections:
 
 1. one row per registered model (``backbones.list_models()`` filtered by ``--models``): parameters
    of the train-time and deploy forms, multiply-adds of the deploy form at the model's native
@@ -16,8 +16,13 @@ Run ``python -m bench.reparam [--models GLOB ...] [--batch 8] [--repeats N] [--t
    exact FC3 formulation we know of timed side by side (each is checked against the block first);
 4. training cost of ``--train-model`` (ResNet-18) built with each 3x3 ``conv_type`` (ConvBN, ACB,
    DBB, OREPA): time per training step and the activation memory autograd keeps, vs DBB;
-5. bf16 vs float32 inference of the deploy ResNet-50 and RepMLP-Res50 (224) with the CPU fusion
-   pass in both (:func:`backbones.deploy.to_bf16`), on CPUs with native bf16 only.
+5. deploy inference runtimes (``--sections runtimes``; models by default ``RUNTIME_MODELS``, batches
+   ``--batches``, default 1 and 8): torch fp32 (the reference, CPU fusion pass), torch bf16
+   (:func:`backbones.deploy.to_bf16`, native bf16 CPUs only), ONNX Runtime fp32
+   (:func:`backbones.deploy.export_onnx`) and INT8 (:func:`backbones.deploy.quantize_int8`), with
+   ``--pt2e`` also torchao's PT2E INT8 compiled; as ratios against torch fp32, with each row's
+   achieved GMAC/s as a fraction of this machine's matmul rate in its precision (the roof, timed
+   in the same interleaved run: see :func:`roof_matmuls`), and the accuracy against torch fp32.
 
 Timing method: the machine is shared, so no figure is meant to be read on its own. Every
 comparison is measured in one process, with the variants interleaved (A, B, A, B, ...; the order
@@ -33,15 +38,18 @@ import argparse
 import contextlib
 import copy
 import fnmatch
+import importlib.util
 import math
 import os
 import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -53,7 +61,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import backbones
 from backbones.complexity import count_macs, count_params, input_channels
-from backbones.deploy import Bf16Inference, bf16_supported, to_bf16
+from backbones.deploy import Bf16Inference, OnnxModel, bf16_supported, export_onnx, quantize_int8, to_bf16
 from backbones.deploy.fused_conv import fusion, fusion_enabled
 from backbones.layers.repmlp import RepMLP
 
@@ -63,9 +71,12 @@ TARGET_BATCH = 8
 THROUGHPUT_MODELS = ("resnet50", "repmlp_res50_g8_224", "repmlp_res50_light_224")
 VERIFY_RTOL = 1e-5  # every FC3 formulation must match the block to this relative error
 NEAR_FASTEST = 0.03  # "within noise" band for the per-shape FC3 verdict
-SECTIONS = ("models", "throughput", "fc3", "train", "bf16")
-BF16_MODELS = ("resnet50", "repmlp_res50_g8_224")
+SECTIONS = ("models", "throughput", "fc3", "train", "runtimes")
+RUNTIME_MODELS = ("resnet50", "repmlp_res50_g8_224", "repmlp_res50_light_224", "repvgg_a0", "mobileone_s0")
+RUNTIME_BATCHES = (1, 8)
 BF16_TARGET = 3.0  # the issue: bf16 deploy >= 3x the float32 deploy at batch 8 (aim 4x)
+ROOF_N = 2048  # size of the roof matmuls (section 5), as matmul_gmacs_per_s
+RUNTIMES_CALIBRATION, RUNTIMES_HELD_OUT = 16, 16  # random-normal images: INT8 calibration, accuracy
 TRAIN_CONV_TYPES = ("conv", "acb", "dbb", "orepa")  # section 4, on --train-model
 
 # Time budgets (seconds of timed rounds) when --repeats is not given, and the round limits.
@@ -74,7 +85,7 @@ TARGET_BUDGET_S, TARGET_REPS = 60.0, (3, 75)  # the target's ratio is within a f
 THROUGHPUT_BUDGET_S, THROUGHPUT_REPS = 40.0, (5, 25)
 BLOCK_BUDGET_S, BLOCK_REPS = 4.0, (10, 200)
 TRAIN_BUDGET_S, TRAIN_REPS = 30.0, (3, 20)
-BF16_BUDGET_S, BF16_REPS = 30.0, (5, 25)
+RUNTIMES_BUDGET_S, RUNTIMES_REPS = 40.0, (5, 25)
 
 
 # ============================================================================ output
@@ -758,41 +769,175 @@ def section_train(args: argparse.Namespace, out: Report) -> None:
 
 
 # ============================================================================ section 5
-def section_bf16(names: list[str], args: argparse.Namespace, out: Report) -> None:
-    out(f"## 5. bf16 vs float32 deploy inference (batch {args.batch}, 224x224, CPU fusion pass in both)")
+# row name → (runtime, precision); the reference first
+RUNTIME_ROWS = {"torch fp32": ("torch", "fp32"), "torch bf16": ("torch", "bf16"), "ort fp32": ("onnxruntime", "fp32"),
+                "ort int8": ("onnxruntime", "int8"), "pt2e int8": ("torch PT2E, compiled", "int8")}
+
+
+def roof_matmuls(n: int = ROOF_N) -> dict[str, Callable[[], Any]]:
+    """One n x n x n matrix multiply per precision, timed alongside the models as their roofs:
+    fp32 and bf16 as ``torch.mm`` (oneDNN, which runs the convs too; bf16 only with native bf16);
+    int8 as ONNX Runtime's ``MatMulInteger`` (uint8 x int8 → int32), i.e. MLAS's U8S8 GEMM, the
+    kernels behind the INT8 model's QLinearConv/QDQ ops, which use AVX512-VNNI or AMX where the CPU
+    has them. (``torch._int_mm`` also runs on CPU, but its rate swung 45–500 GMAC/s between tries
+    here, and the int8 models timed are ONNX Runtime's.) Needs onnxruntime for int8. The fp32 roof
+    serves the ONNX Runtime fp32 rows too (MLAS's SGEMM reached it within a few % here)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    fns: dict[str, Callable[[], Any]] = {"fp32": lambda: a @ b}
+    if bf16_supported():
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        fns["bf16"] = lambda: a16 @ b16
+    if _has_onnxruntime():
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+
+        gen = torch.Generator().manual_seed(0)
+        weight = torch.randint(-128, 128, (n, n), dtype=torch.int8, generator=gen).numpy()
+        graph = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "roof",
+                                  [helper.make_tensor_value_info("A", TensorProto.UINT8, [n, n])],
+                                  [helper.make_tensor_value_info("Y", TensorProto.INT32, [n, n])],
+                                  [numpy_helper.from_array(weight, "B")])
+        options = ort.SessionOptions()  # as OnnxModel's: torch's thread count, no spinning after each run
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                                       .SerializeToString(), options, providers=["CPUExecutionProvider"])
+        feed = {"A": torch.randint(0, 256, (n, n), dtype=torch.uint8, generator=gen).numpy()}
+        fns["int8"] = lambda: session.run(None, feed)
+    return fns
+
+
+def _has_onnxruntime() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime", "onnxscript"))
+
+
+def pt2e_int8(model: nn.Module, example: Tensor, calibration: list[Tensor]) -> tuple[Callable[[Tensor], Tensor], float]:
+    """torchao's PT2E x86 INT8 model for ``example``'s shape, compiled (and the seconds the first
+    compiled call took: minutes on 2 cores)."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    with torch.no_grad():
+        prepared = prepare_pt2e(torch.export.export(model.eval(), (example,)).module(), quantizer)
+        for batch in calibration:
+            prepared(batch)
+        compiled = torch.compile(convert_pt2e(prepared))
+    with torch.inference_mode():  # as it is timed: compiled for no_grad, it would recompile there
+        start = time.perf_counter()
+        compiled(example)
+    return compiled, time.perf_counter() - start
+
+
+def section_runtimes(names: list[str], args: argparse.Namespace, out: Report) -> None:
+    out(f"## 5. Deploy inference runtimes: fp32 / bf16 / int8 x torch / onnxruntime (batch "
+        f"{', '.join(map(str, args.batches))}; {torch.get_num_threads()} threads)")
     out()
-    if not bf16_supported():
-        out("Skipped: this CPU has no native bf16 (`backbones.deploy.bf16_supported()` is False).")
+    has_ort, has_bf16 = _has_onnxruntime(), bf16_supported()
+    if not has_bf16:
+        out("No torch bf16 rows: this CPU has no native bf16 (`backbones.deploy.bf16_supported()` is False).")
+    if not has_ort:
+        out("No onnxruntime rows: the onnx extra is not installed (`pip install -e \".[onnx]\"`).")
+    rows, roof_rows, notes = [], [], []
+    roofs = {f"roof {k}": fn for k, fn in roof_matmuls().items()}
+    with tempfile.TemporaryDirectory() as folder:
+        for i, name in enumerate(names):
+            progress(f"runtimes: {name}: build")
+            torch.manual_seed(500 + i)
+            fp32 = backbones.reparameterize_model(randomize_bn(backbones.create(name), 500 + i)).eval()
+            size, in_chans = backbones.input_size(name), input_channels(fp32)
+            model_gmacs = gmacs(fp32, size, in_chans)
+            gen = torch.Generator().manual_seed(600 + i)
+            # speed does not depend on the calibration data: a few random-normal batches
+            calibration = torch.randn(RUNTIMES_CALIBRATION, in_chans, *size, generator=gen)
+            held_out = torch.randn(RUNTIMES_HELD_OUT, in_chans, *size, generator=gen)
+            runners: dict[str, Callable[[Tensor], Tensor]] = {"torch fp32": fp32}
+            if has_bf16:
+                runners["torch bf16"] = Bf16Inference(to_bf16(copy.deepcopy(fp32)))
+            if has_ort:
+                progress(f"runtimes: {name}: export, quantize")
+                onnx_fp32 = export_onnx(fp32, held_out[:1], Path(folder) / f"{name}.onnx")
+                onnx_int8 = quantize_int8(onnx_fp32, Path(folder) / f"{name}_int8.onnx", calibration.split(4))
+                runners["ort fp32"], runners["ort int8"] = OnnxModel(onnx_fp32), OnnxModel(onnx_int8)
+
+            def accuracy(fn: Callable[[Tensor], Tensor], chunk: int) -> tuple[float, float]:
+                """Max rel. error and top-1 agreement against torch fp32 on the held-out images that
+                fill whole chunks (the PT2E model takes only the batch shape it was built for)."""
+                images = held_out[:len(held_out) // chunk * chunk]
+                with torch.inference_mode():
+                    reference, logits = fp32(images), torch.cat([fn(b) for b in images.split(chunk)])
+                agree = (logits.argmax(1) == reference.argmax(1)).float().mean().item()
+                return backbones.max_relative_error(reference, logits), agree
+
+            quality = {k: accuracy(fn, 8) for k, fn in runners.items()}
+            for batch in args.batches:
+                x = torch.randn(batch, in_chans, *size, generator=gen)
+                fns = {k: (lambda fn=fn: fn(x)) for k, fn in runners.items()}
+                if args.pt2e:
+                    progress(f"runtimes: {name}: PT2E prepare, calibrate, convert, compile at batch {batch}")
+                    quality.pop("pt2e int8", None)  # the previous batch's
+                    try:
+                        chunks = [c for c in calibration.split(batch) if len(c) == batch] or [x]
+                        compiled, compile_s = pt2e_int8(fp32, x, chunks)
+                        fns["pt2e int8"] = lambda: compiled(x)
+                        if batch <= len(held_out):
+                            quality["pt2e int8"] = accuracy(compiled, batch)
+                        notes.append(f"`{name}` batch {batch}: PT2E first compiled call {compile_s:.0f} s")
+                    except Exception as exc:  # report it and time the others: the PT2E row is optional
+                        notes.append(f"`{name}` batch {batch}: PT2E failed: {type(exc).__name__}: "
+                                     f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
+                progress(f"runtimes: {name}: timing at batch {batch}")
+                timings = interleaved({**fns, **roofs}, args.repeats, RUNTIMES_BUDGET_S, RUNTIMES_REPS)
+                roof = {k[5:]: ROOF_N ** 3 / statistics.median(timings.times[k]) / 1e9 for k in roofs}
+                for k in fns:
+                    precision = RUNTIME_ROWS[k][1]
+                    rate = model_gmacs * batch / timings.median_ms(k) * 1e3
+                    error, agree = quality.get(k, (math.nan, math.nan))
+                    no_quality = k == "torch fp32" or k not in quality  # the reference; PT2E at a batch > held-out
+                    rows.append([f"`{name}`", str(batch), *RUNTIME_ROWS[k], f"{timings.median_ms(k):.1f}",
+                                 "1.00" if k == "torch fp32" else timings.ratio_text("torch fp32", k),
+                                 f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}",
+                                 f"{100 * rate / roof[precision]:.0f}%" if precision in roof else "–",
+                                 "–" if no_quality else fmt_err(error), "–" if no_quality else f"{agree:.2f}"])
+                roof_rows.append([f"`{name}`", str(batch), fmt_gmacs(model_gmacs),
+                                  *(f"{roof[p]:.0f}" if p in roof else "–" for p in ("fp32", "bf16", "int8")),
+                                  f"{timings.rounds} (+{100 * timings.spread():.0f}%)"])
+                if batch == TARGET_BATCH and "torch bf16" in fns:
+                    speedup = timings.ratio("torch fp32", "torch bf16")
+                    notes.append(f"bf16 target (torch bf16 >= {BF16_TARGET:g}x torch fp32 at batch {TARGET_BATCH}): "
+                                 f"`{name}` {speedup:.2f}x → {'meets' if speedup >= BF16_TARGET else 'misses'} it")
+            del runners, fns
+    out.table(["model (deploy)", "batch", "runtime", "precision", "ms / batch", "speed vs torch fp32 (per-round IQR)",
+               "GMAC/s", "of its roof", "max rel. err", "top-1 agreement"], rows)
+    out()
+    out.table(["model", "batch", "GMACs / image", "fp32 roof GMAC/s", "bf16 roof GMAC/s", "int8 roof GMAC/s",
+               "rounds (noise)"], roof_rows)
+    out()
+    for note in notes:
+        out(f"- {note}")
+    if notes:
         out()
-        return
-    rows = []
-    for i, name in enumerate(n for n in BF16_MODELS if n in names):
-        progress(f"bf16: {name}")
-        fp32 = backbones.reparameterize_model(randomize_bn(backbones.create(name), 500 + i))
-        bf16 = Bf16Inference(to_bf16(copy.deepcopy(fp32)))
-        x = torch.randn(args.batch, 3, 224, 224)
-        with torch.inference_mode():
-            error = backbones.max_relative_error(fp32(x), bf16(x))
-        timings = interleaved({"float32": lambda: fp32(x), "bf16": lambda: bf16(x)}, args.repeats, BF16_BUDGET_S,
-                              BF16_REPS)
-        verdict = "meets" if timings.ratio("float32", "bf16") >= BF16_TARGET else "misses"
-        rows.append([f"`{name}`", f"{timings.median_ms('float32'):.1f}", f"{timings.median_ms('bf16'):.1f}",
-                     timings.ratio_text("float32", "bf16"), fmt_err(error), f"{verdict} {BF16_TARGET:g}x",
-                     f"{timings.rounds} (+{100 * timings.spread():.0f}%)"])
-    out.table(["model (deploy)", "float32 ms", "bf16 ms", "bf16 speed-up (per-round IQR)", "max rel. error",
-               "target", "rounds (noise)"], rows)
-    out()
-    out("Both run the fused oneDNN convs; bf16 also casts the input to bf16 channels_last and the output "
-        "back to float32 (`Bf16Inference`). On a loaded machine 2 threads can run slower than 1 "
-        "(a descheduled thread stalls every kernel): compare `--threads 1` too.")
+    out(f"Each model x batch is one interleaved run of every runtime and of the roofs, {ROOF_N}^3 matrix "
+        "multiplies: fp32 and bf16 `torch.mm`, int8 ONNX Runtime `MatMulInteger` (uint8 x int8, MLAS's "
+        "VNNI/AMX GEMM). \"Of its roof\" is the row's GMACs x batch / time over the roof of its precision "
+        "from the same run. torch fp32 is the deploy model with the CPU fusion pass; torch bf16 "
+        "`to_bf16` + `Bf16Inference` (input cast to bf16 channels_last, output back to float32); ort fp32 "
+        "`export_onnx` + `OnnxModel`; ort int8 `quantize_int8` (static QDQ, U8 activations, S8 per-channel "
+        f"weights) calibrated on {RUNTIMES_CALIBRATION} random-normal images. Accuracy against torch fp32 on "
+        f"{RUNTIMES_HELD_OUT} other random-normal images (random weights separate classes weakly, so top-1 "
+        "agreement is a lower bound on what a trained model keeps). ONNX Runtime sessions do not spin. On a "
+        "loaded machine 2 threads can run slower than 1 (a descheduled thread stalls every kernel): compare "
+        "`--threads 1` too.")
     out()
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.reparam", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["*"], metavar="GLOB",
-                        help="shell-style patterns over backbones.list_models() (default: all)")
-    parser.add_argument("--batch", type=int, default=TARGET_BATCH, help="batch size of the latency measurements")
+    parser.add_argument("--models", nargs="+", default=None, metavar="GLOB",
+                        help="shell-style patterns over backbones.list_models() (default: all; section "
+                             f"runtimes: {' '.join(RUNTIME_MODELS)})")
+    parser.add_argument("--batch", type=int, default=TARGET_BATCH, help="sections 1-3: batch size of the latency measurements")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed rounds per comparison (default: from a time budget per comparison)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -806,9 +951,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--train-size", type=int, default=224, help="section 4: input size (default: 224)")
     parser.add_argument("--train-batch", type=int, default=32,
                         help="section 4: batch size (default: 32, the OREPA paper's batch per GPU)")
+    parser.add_argument("--batches", type=int, nargs="+", default=list(RUNTIME_BATCHES), metavar="N",
+                        help="section 5: batch sizes (default: 1 8)")
+    parser.add_argument("--pt2e", action="store_true",
+                        help="section 5: also torchao's PT2E x86 INT8, compiled per model and batch (minutes each)")
     args = parser.parse_args(argv)
-    if args.batch < 1 or (args.repeats is not None and args.repeats < 1) or (args.threads is not None and args.threads < 1):
-        parser.error("--batch, --repeats and --threads must be positive")
+    if min(args.batch, *args.batches, *(v for v in (args.repeats, args.threads) if v is not None)) < 1:
+        parser.error("--batch, --batches, --repeats and --threads must be positive")
     return args
 
 
@@ -816,9 +965,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    names = [n for n in backbones.list_models() if any(fnmatch.fnmatch(n, p) for p in args.models)]
+    patterns = args.models or ["*"]
+    names = [n for n in backbones.list_models() if any(fnmatch.fnmatch(n, p) for p in patterns)]
     if not names:
-        print(f"no registered model matches {args.models}; registered: {', '.join(backbones.list_models())}",
+        print(f"no registered model matches {patterns}; registered: {', '.join(backbones.list_models())}",
               file=sys.stderr)
         return 2
 
@@ -833,6 +983,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"mkldnn {'on' if (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled) else 'off'}, Python {platform.python_version()}")
     out(f"- CPU: {cpu_name()}; load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     out(f"- models: {', '.join(names)}")
+    if "runtimes" in args.sections and not args.models:
+        out(f"- models of section 5 (its default list): {', '.join(RUNTIME_MODELS)}")
     out(f"- timing: interleaved rounds (order alternating), warm-up first, `torch.inference_mode`, medians; "
         f"batch {args.batch}; rounds {'fixed at ' + str(args.repeats) if args.repeats else 'from a time budget per comparison'}; "
         f"memory format {'channels_last' if args.channels_last else 'NCHW (contiguous)'}")
@@ -856,8 +1008,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if "train" in args.sections:
         section_train(args, out)
-    if "bf16" in args.sections:
-        section_bf16(names, args, out)
+    if "runtimes" in args.sections:
+        section_runtimes(names if args.models else list(RUNTIME_MODELS), args, out)
 
     out(f"Total run time {time.perf_counter() - started:.0f} s; load average at end: "
         f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}.")

@@ -1,4 +1,4 @@
-"""bench.reparam's training-cost section (section 4) and its memory measure; the bf16 section (5)."""
+"""bench.reparam's training-cost section (section 4) and its memory measure; the runtimes section (5)."""
 from __future__ import annotations
 
 import subprocess
@@ -50,14 +50,23 @@ def test_matmul_rate_is_a_positive_rate():
     assert 0.1 < matmul_gmacs_per_s(n=256, runs=3) < 1e5
 
 
-def test_bf16_section_times_both_precisions_or_says_why_not():
-    proc = subprocess.run([sys.executable, "-m", "bench.reparam", "--sections", "bf16", "--models", "resnet50",
-                           "--batch", "1", "--repeats", "1", "--threads", "1"],
+def test_runtimes_section_times_every_runtime_against_torch_fp32_and_its_roof():
+    proc = subprocess.run([sys.executable, "-m", "bench.reparam", "--sections", "runtimes",
+                           "--models", "repvgg_a0_tiny", "--batches", "1", "2", "--repeats", "1", "--threads", "1"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    tables = [[line.split("|")[1:-1] for line in block.splitlines()[2:]]
+              for block in proc.stdout.split("\n\n") if block.startswith("| model")]
+    runs, roofs = tables
+    expected = [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")]
     if not bf16_supported():
-        assert "Skipped: this CPU has no native bf16" in proc.stdout
-        return
-    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| `")]
-    assert [r[0].strip() for r in rows] == ["`resnet50`"]
-    assert 0 < float(rows[0][4]) <= 3e-2  # bf16's rounding, as in tests/backbones/test_bf16_deploy.py
+        assert "No torch bf16 rows" in proc.stdout
+        expected.remove(("torch", "bf16"))
+    assert [(r[1].strip(), r[2].strip(), r[3].strip()) for r in runs] == [
+        (b, *e) for b in ("1", "2") for e in expected]
+    for r in runs:
+        assert r[0].strip() == "`repvgg_a0_tiny`" and float(r[4]) > 0 and r[7].strip().endswith("%")
+        if r[3].strip() == "bf16":  # bf16's rounding, as in tests/backbones/test_bf16_deploy.py
+            assert 0 < float(r[8]) <= 3e-2
+    assert [r[1].strip() for r in roofs] == ["1", "2"]
+    assert all(float(c) > 0 for r in roofs for c in r[3:6] if c.strip() != "–")

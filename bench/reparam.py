@@ -76,7 +76,9 @@ RUNTIME_MODELS = ("resnet50", "repmlp_res50_g8_224", "repmlp_res50_light_224", "
 RUNTIME_BATCHES = (1, 8)
 BF16_TARGET = 3.0  # the issue: bf16 deploy >= 3x the float32 deploy at batch 8 (aim 4x)
 ROOF_N = 2048  # size of the roof matmuls (section 5), as matmul_gmacs_per_s
-RUNTIMES_CALIBRATION, RUNTIMES_HELD_OUT = 16, 16  # random-normal images: INT8 calibration, accuracy
+# INT8 calibration on random-normal images (speed does not depend on them); agreement with fp32 on
+# real images: the classification demo's validation set at the model's input size
+RUNTIMES_CALIBRATION, RUNTIMES_HELD_OUT = 16, 64
 TRAIN_CONV_TYPES = ("conv", "acb", "dbb", "orepa")  # section 4, on --train-model
 
 # Time budgets (seconds of timed rounds) when --repeats is not given, and the round limits.
@@ -830,6 +832,20 @@ def pt2e_int8(model: nn.Module, example: Tensor, calibration: list[Tensor]) -> t
     return compiled, time.perf_counter() - start
 
 
+def demo_images(size: tuple[int, int], count: int) -> Tensor:
+    """``(count, 3, H, W)``: validation images of the classification demo set (generated once into
+    the demo cache), evenly over its classes, with the classification task's evaluation transform."""
+    from datamodules.demo import classification_demo
+    from datamodules.image_folder import find_classes, list_samples, read_image
+    from datamodules.imagenet import eval_transform
+
+    root = classification_demo(train_per_class=1, val_per_class=max(1, -(-count // 10)), image_size=max(size))
+    samples = list_samples(root / "val", find_classes(root / "train"))
+    transform = eval_transform(size)
+    picked = samples[:: max(1, len(samples) // count)][:count]
+    return torch.stack([transform(image=read_image(path))["image"] for path, _ in picked])
+
+
 def section_runtimes(names: list[str], args: argparse.Namespace, out: Report) -> None:
     out(f"## 5. Deploy inference runtimes: fp32 / bf16 / int8 x torch / onnxruntime (batch "
         f"{', '.join(map(str, args.batches))}; {torch.get_num_threads()} threads)")
@@ -851,7 +867,8 @@ def section_runtimes(names: list[str], args: argparse.Namespace, out: Report) ->
             gen = torch.Generator().manual_seed(600 + i)
             # speed does not depend on the calibration data: a few random-normal batches
             calibration = torch.randn(RUNTIMES_CALIBRATION, in_chans, *size, generator=gen)
-            held_out = torch.randn(RUNTIMES_HELD_OUT, in_chans, *size, generator=gen)
+            held_out = demo_images(size, RUNTIMES_HELD_OUT) if in_chans == 3 else \
+                torch.randn(RUNTIMES_HELD_OUT, in_chans, *size, generator=gen)
             runners: dict[str, Callable[[Tensor], Tensor]] = {"torch fp32": fp32}
             if has_bf16:
                 runners["torch bf16"] = Bf16Inference(to_bf16(copy.deepcopy(fp32)))
@@ -925,8 +942,8 @@ def section_runtimes(names: list[str], args: argparse.Namespace, out: Report) ->
         "`to_bf16` + `Bf16Inference` (input cast to bf16 channels_last, output back to float32); ort fp32 "
         "`export_onnx` + `OnnxModel`; ort int8 `quantize_int8` (static QDQ, U8 activations, S8 per-channel "
         f"weights) calibrated on {RUNTIMES_CALIBRATION} random-normal images. Accuracy against torch fp32 on "
-        f"{RUNTIMES_HELD_OUT} other random-normal images (random weights separate classes weakly, so top-1 "
-        "agreement is a lower bound on what a trained model keeps). ONNX Runtime sessions do not spin. On a "
+        f"{RUNTIMES_HELD_OUT} real images (the classification demo's validation set at the model's input size; "
+        "random weights separate classes weakly, so top-1 agreement is a lower bound on what a trained model keeps). ONNX Runtime sessions do not spin. On a "
         "loaded machine 2 threads can run slower than 1 (a descheduled thread stalls every kernel): compare "
         "`--threads 1` too.")
     out()

@@ -46,7 +46,8 @@ def readme_commands() -> list[str]:
 
 # What the run tests below pick from the README; every "run" command must match one of them.
 RUN_PATTERNS = {
-    "deploy": r"tasks\.\w+ (test|predict) .*runs/\w+-demo/",
+    "deploy": r"tasks\.\w+ (test|predict) (?!.*--runtime ).*runs/\w+-demo/",
+    "runtimes": r"tasks\.classification test .*--runtime |tasks\.export ",
     "baseline": r"tasks\.classification fit .*classification-demo-resnet",
     "compare": r"tasks\.compare ",
     "train_ids": r"datamodules\.cityscapes_train_ids ",
@@ -154,6 +155,36 @@ def test_deploy_test_and_predict_commands_run_on_the_demo_run(task, demo_runs, t
         assert list(run.rglob("predictions/*_overlay.png"))
     if task == "face":
         assert list(run.rglob("embeddings.npy"))
+
+
+def test_runtime_and_export_commands_on_the_demo_run(demo_runs, tmp_path):
+    """The deploy runtimes on the demo run: each test-stage runtime scores the deploy model with the
+    fp32 test's data and metric code, close to it; the exports are written, checked, never overwritten."""
+    pytest.importorskip("onnxruntime", reason="the ONNX commands need the extra: pip install -e '.[onnx]'")
+    cwd, demo_root = _demo_copy(demo_runs, "classification", tmp_path)
+    run = cwd / "runs" / "classification-demo"
+    fp32 = read_results(run / "version_0")
+    before = set(run.glob("version_*"))
+    commands = _commands(RUN_PATTERNS["runtimes"])
+    for command in commands:
+        proc = _run(command, cwd, demo_root)
+        if "tasks.export" in command:
+            assert "check: onnxruntime fp32 against the PyTorch model, max relative error" in proc.stdout
+    tested = {(r["runtime"], r["precision"]): r for r in map(read_results, set(run.glob("version_*")) - before)}
+    assert set(tested) == {("onnxruntime", "int8"), ("torch", "bf16")} and (fp32["runtime"], fp32["precision"]) == ("torch", "fp32")
+    for (runtime, precision), results in tested.items():
+        drop = {"int8": 0.03, "bf16": 0.01}[precision]  # 15 and 5 of the 500 demo images
+        assert results["metrics"]["test/top1"] >= fp32["metrics"]["test/top1"] - drop, (runtime, precision, results["metrics"])
+        assert results["data"] == fp32["data"] and results["throughput"]["images"] == fp32["throughput"]["images"] > 0
+        assert results["throughput"]["images_per_s"] > 0 and results["throughput"]["threads"] >= 1
+    folder = run / "version_0"
+    assert (folder / "deploy.onnx").stat().st_size > (folder / "deploy.int8.onnx").stat().st_size > 0
+    assert not list(folder.glob(".export-*"))
+    export = next(c for c in commands if "tasks.export" in c and "--precision" not in c)
+    for extra, message in (("", "deploy.onnx already exists; pass --overwrite"), (" --format tflite", "choose one of onnx")):
+        proc = subprocess.run([sys.executable, *shlex.split(export + extra)[1:]], cwd=cwd, capture_output=True, text=True,
+                              env={**os.environ, "REPMLP_DEMO_ROOT": str(demo_root), "PYTHONPATH": str(REPO)})
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
 
 
 def test_baseline_demo_and_comparison(demo_runs, tmp_path):

@@ -1,17 +1,21 @@
 """Compare test runs of one task side by side: ``python -m tasks.compare RUN_OR_RESULTS... [--baseline NAME] [--out DIR]``.
 
 Each argument is a ``results.json`` written by ``python -m tasks.X test`` (or by ``fit``, which
-tests the deploy model when it ends), or the run folder holding it. For every run:
+tests the deploy model when it ends), or the run folder holding it. A run is one row: a model on
+the runtime and precision it was tested on (``name [onnxruntime int8]`` when not fp32 torch). For
+every row:
 
-- the task's metric (top-1, mIoU or verification accuracy) and its difference to the baseline;
+- the task's metric (top-1, mIoU or verification accuracy) and its difference to the baseline
+  (the baseline model's fp32 torch row);
 - measured now, on a model rebuilt from the run's hyperparameters (random weights: size and speed
   do not depend on them): parameters of the train-time and of the deploy form, the deploy
-  model's FLOPs at the run's input size, and its throughput in images/s on this machine at
-  ``--batch-size`` (median of ``--iters`` batches after a warm-up);
+  model's FLOPs at the run's input size, and its throughput in images/s on this machine, on the
+  row's runtime and precision, at ``--batch-size`` (median of ``--iters`` batches after a warm-up);
 - the train-to-deploy conversion error the run recorded.
 
 Writes ``comparison.md``, ``comparison.csv``, and ``comparison.png`` and ``.svg`` (metric against throughput
-and against deploy parameters, one point per model with the metric, the baseline marked) into
+and against deploy parameters, one point per row with the metric, a marker shape per runtime and
+precision, the baseline marked) into
 ``--out`` and prints the table. Refused: runs of different tasks, runs ranked by different
 primary metrics, and runs tested on different data (or with no record of it) unless
 ``--allow-different-data``, which labels each row with its data instead.

@@ -36,7 +36,7 @@ TASK_MODULES = {"classification": "tasks.classification", "segmentation": "tasks
 FORMATS = ("onnx",)
 PRECISIONS = ("fp32", "int8")
 # keys of a saved fit config that belong to a subcommand, not to the model, data or trainer
-_RUN_ONLY = ("ckpt_path", "test_after_fit", "runtime", "precision", "calibration_images")
+_RUN_ONLY = ("ckpt_path", "weights_only", "test_after_fit", "runtime", "precision", "calibration_images")
 CHECK_INPUTS = 16
 
 

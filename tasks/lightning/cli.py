@@ -73,6 +73,14 @@ def _model_input_size(backbone: str, backbone_kwargs: Optional[dict[str, Any]]) 
     return input_size(backbone, **(backbone_kwargs or {}))  # from the registry's config: no model is built
 
 
+def _is_file(text: str) -> bool:
+    """Whether ``text`` names a file (an inline YAML config may be too long to be a file name)."""
+    try:
+        return Path(text).is_file()
+    except OSError:
+        return False
+
+
 def _refuse_linked_data(argv: Sequence[str], default_configs: Sequence[str]) -> None:
     """A flag (``--data.image_size``), config file or inline config (``-c``, ``--config``, ``--data``)
     that sets a ``data`` value the CLI links (:data:`_LINKED_DATA`) is an error that names it and
@@ -86,10 +94,10 @@ def _refuse_linked_data(argv: Sequence[str], default_configs: Sequence[str]) -> 
             raise ValueError(f"{flag}: {_LINKED_DATA[key]}")
         if flag in ("-c", "--config", "--data"):
             value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
-            configs.append((value if Path(value).is_file() else flag, value, "data" if flag != "--data" else None))
+            configs.append((value if _is_file(value) else flag, value, "data" if flag != "--data" else None))
     for name, source, section in configs:
         try:
-            document = yaml.safe_load(Path(source).read_text() if Path(source).is_file() else source)
+            document = yaml.safe_load(Path(source).read_text() if _is_file(source) else source)
         except (OSError, yaml.YAMLError):
             continue  # jsonargparse reports it
         data = document.get(section) if section and isinstance(document, dict) else document

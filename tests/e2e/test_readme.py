@@ -198,7 +198,7 @@ def test_baseline_demo_and_comparison(demo_runs, tmp_path):
     _run(fit + " --trainer.max_epochs 3", cwd, demo_root)
     proc = _run(compare, cwd, demo_root)
     rows = (cwd / "comparison" / "comparison.csv").read_text().splitlines()
-    assert len(rows) == 3 and rows[1].startswith("repmlp_res_tiny,False") and rows[2].startswith("resnet_tiny,True")
+    assert len(rows) == 3 and rows[1].startswith("repmlp_res_tiny,torch,fp32,False") and rows[2].startswith("resnet_tiny,torch,fp32,True")
     assert "| resnet_tiny (baseline) |" in proc.stdout and (cwd / "comparison" / "comparison.png").stat().st_size > 10_000
 
 

@@ -413,6 +413,10 @@ class ReparamTask(pl.LightningModule):
         segmentation cuts windows)."""
         return images
 
+    def inputs_from_images(self, batches: list[Tensor], count: int) -> list[Tensor]:
+        """The first ``count`` model inputs (:meth:`calibration_inputs`) of batches of evaluation images."""
+        return first_inputs([self.calibration_inputs(images) for images in batches], count)
+
     def infer(self, x: Tensor) -> Tensor:
         """The forward on the stage's runtime (``self(x)`` outside test and predict), timed."""
         return self(x) if self._runner is None else self._runner(x)
@@ -425,8 +429,7 @@ class ReparamTask(pl.LightningModule):
         self._test_images = 0
         calibration = None
         if self._calibration is not None:
-            inputs = [self.calibration_inputs(images) for images in self._calibration]
-            calibration = first_inputs(inputs, self.runtime_spec.calibration_images)
+            calibration = self.inputs_from_images(self._calibration, self.runtime_spec.calibration_images)
         self._runner = build_runner(self, self.runtime_spec, calibration)
 
     def _stop_runtime(self) -> None:

@@ -28,7 +28,7 @@ import yaml
 
 from backbones.cli_common import CLI_ERRORS, check_destination, report_cli_error
 
-from .runtime import export_task, first_inputs
+from .runtime import export_task
 
 __all__ = ["export_run", "main"]
 
@@ -50,16 +50,14 @@ def _task_name(run: Path) -> str:
     raise FileNotFoundError(f"{run}: no deploy.json or results.json naming the task (one of {', '.join(TASK_MODULES)})")
 
 
-def load_run(run: Path, ckpt_path: Optional[Path] = None) -> tuple[Any, Any, Path]:
-    """The run's task (weights loaded, deploy form) and datamodule, built from its ``config.yaml``,
-    and the checkpoint read."""
+def load_run(run: Path, ckpt: Path) -> tuple[Any, Any]:
+    """The run's task (weights of ``ckpt`` loaded) and datamodule, built from its ``config.yaml``."""
     config_path = run / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"{run} is not a run folder: it has no config.yaml")
     config = yaml.safe_load(config_path.read_text())
     for key in _RUN_ONLY:
         config.pop(key, None)
-    ckpt = ckpt_path or run / "deploy.ckpt"
     if not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt}: no such checkpoint (the run writes deploy.ckpt when fit ends; "
                                 "or give --ckpt_path)")
@@ -67,22 +65,22 @@ def load_run(run: Path, ckpt_path: Optional[Path] = None) -> tuple[Any, Any, Pat
     task, datamodule = cli.model, cli.datamodule
     weights = task.load_weights(str(ckpt), match="all")
     print(f"loaded {ckpt}: {weights.describe()}")
-    return task.eval(), datamodule, ckpt
+    return task.eval(), datamodule
 
 
 def _validation_inputs(task: Any, datamodule: Any, count: int) -> torch.Tensor:
     datamodule.setup("validate")
     loaders = datamodule.val_dataloader()
     loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-    inputs = []
+    images = []
     for batch in loader:
         if batch is not None:
-            inputs.append(task.calibration_inputs(task.batch_inputs(batch)))
-        if sum(int(x.shape[0]) for x in inputs) >= count:
+            images.append(task.batch_inputs(batch))
+        if sum(int(x.shape[0]) for x in images) >= count:
             break
-    if not inputs:
+    if not images:
         raise ValueError("the validation split has no images to check the export on")
-    return torch.cat(first_inputs(inputs, count))
+    return torch.cat(task.inputs_from_images(images, count))
 
 
 def export_run(run: Path, precision: str = "fp32", output: Optional[Path] = None, ckpt_path: Optional[Path] = None,
@@ -93,7 +91,7 @@ def export_run(run: Path, precision: str = "fp32", output: Optional[Path] = None
     ckpt = ckpt_path or run / "deploy.ckpt"
     output = output or ckpt.parent / ("deploy.onnx" if precision == "fp32" else f"deploy.{precision}.onnx")
     check_destination(ckpt, output, overwrite)
-    task, datamodule, ckpt = load_run(run, ckpt_path)
+    task, datamodule = load_run(run, ckpt)
     check = _validation_inputs(task, datamodule, CHECK_INPUTS)
     if not task.deploy:
         print(f"{ckpt} is a train-time checkpoint: converting it to its deploy form first")
@@ -103,8 +101,7 @@ def export_run(run: Path, precision: str = "fp32", output: Optional[Path] = None
     if precision == "int8":
         seed = seed if seed is not None else int(getattr(datamodule, "seed", 0))
         print(f"INT8 calibration: {calibration_images} training images chosen with seed {seed}")
-        calibration = first_inputs([task.calibration_inputs(images) for images in
-                                    datamodule.calibration_batches(calibration_images, seed)], calibration_images)
+        calibration = task.inputs_from_images(datamodule.calibration_batches(calibration_images, seed), calibration_images)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".export-") as tmp:
         path = export_task(task, check, Path(tmp), precision, calibration)
         os.replace(path, output)

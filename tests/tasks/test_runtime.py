@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from conftest import perturb_params, randomize_bn
+
+from backbones.deploy import bf16_supported
 from datamodules.demo import classification_demo
 from datamodules.imagenet import ImageNetDataModule
 from tasks.classification import ClassificationTask
@@ -58,8 +60,7 @@ def _classifier(deploy: bool = True) -> ClassificationTask:
     return task.eval()
 
 
-@pytest.mark.skipif(not __import__("backbones.deploy", fromlist=["bf16_supported"]).bf16_supported(),
-                    reason="this CPU has no native bf16")
+@pytest.mark.skipif(not bf16_supported(), reason="this CPU has no native bf16 (tested where it has: the AMX machines)")
 def test_bf16_runner_runs_the_deploy_model_in_bf16_and_gives_the_fp32_weights_back():
     task = _classifier()
     before = {k: v.clone() for k, v in task.state_dict().items()}

@@ -36,6 +36,8 @@ setup(
         # backbones.deploy.onnx: the dynamo exporter translates through onnxscript; bounded below by
         # the releases tested
         "onnx": ["onnx>=1.23", "onnxruntime>=1.32", "onnxscript>=0.7"],
+        # backbones.deploy.pt2e: torch INT8 (PT2E quantizers); torchao releases follow torch's
+        "int8": ["torchao>=0.18"],
         # mmcv (needed by mmsegmentation) must be installed first: see README.
         "mmseg": ["mmsegmentation==1.2.2", "ftfy", "regex"],
     },

@@ -1,7 +1,7 @@
 """Re-parameterization benchmark: convert every registered model, check it, and time both forms.
 
 Run ``python -m bench.reparam [--models GLOB ...] [--batch 8] [--repeats N] [--threads T]
-[--markdown FILE] [--sections ...] [--batches 1 8] [--pt2e]``. It prints markdown with five sections:
+[--markdown FILE] [--sections ...] [--batches 1 8]``. It prints markdown with five sections:
 
 1. one row per registered model (``backbones.list_models()`` filtered by ``--models``): parameters
    of the train-time and deploy forms, multiply-adds of the deploy form at the model's native
@@ -18,9 +18,10 @@ Run ``python -m bench.reparam [--models GLOB ...] [--batch 8] [--repeats N] [--t
    DBB, OREPA): time per training step and the activation memory autograd keeps, vs DBB;
 5. deploy inference runtimes (``--sections runtimes``; models by default ``RUNTIME_MODELS``, batches
    ``--batches``, default 1 and 8): torch fp32 (the reference, CPU fusion pass), torch bf16
-   (:func:`backbones.deploy.to_bf16`, native bf16 CPUs only), ONNX Runtime fp32
-   (:func:`backbones.deploy.export_onnx`) and INT8 (:func:`backbones.deploy.quantize_int8`), with
-   ``--pt2e`` also torchao's PT2E INT8 compiled; as ratios against torch fp32, with each row's
+   (:func:`backbones.deploy.to_bf16`, native bf16 CPUs only), torch INT8 (PT2E + Inductor,
+   :func:`backbones.deploy.pt2e.quantize_pt2e`, compiled per batch size), ONNX Runtime fp32
+   (:func:`backbones.deploy.export_onnx`) and INT8 (:func:`backbones.deploy.quantize_int8`); as
+   ratios against torch fp32, with each row's
    achieved GMAC/s as a fraction of this machine's matmul rate in its precision (the roof, timed
    in the same interleaved run: see :func:`roof_matmuls`), and the accuracy against torch fp32.
 
@@ -63,6 +64,7 @@ import backbones
 from backbones.complexity import count_macs, count_params, input_channels
 from backbones.deploy import Bf16Inference, OnnxModel, bf16_supported, export_onnx, quantize_int8, to_bf16
 from backbones.deploy.fused_conv import fusion, fusion_enabled
+from backbones.deploy.pt2e import quantize_pt2e
 from backbones.layers.repmlp import RepMLP
 
 TARGET_MODEL = "repmlp_res50_g8_224"
@@ -72,9 +74,11 @@ THROUGHPUT_MODELS = ("resnet50", "repmlp_res50_g8_224", "repmlp_res50_light_224"
 VERIFY_RTOL = 1e-5  # every FC3 formulation must match the block to this relative error
 NEAR_FASTEST = 0.03  # "within noise" band for the per-shape FC3 verdict
 SECTIONS = ("models", "throughput", "fc3", "train", "runtimes")
-RUNTIME_MODELS = ("resnet50", "repmlp_res50_g8_224", "repmlp_res50_light_224", "repvgg_a0", "mobileone_s0")
+# the issue's five, and QARepVGG-A0 beside RepVGG-A0 for INT8 (QARepVGG is RepVGG made to quantize well)
+RUNTIME_MODELS = ("resnet50", "repmlp_res50_g8_224", "repmlp_res50_light_224", "repvgg_a0", "qarepvgg_a0", "mobileone_s0")
 RUNTIME_BATCHES = (1, 8)
 BF16_TARGET = 3.0  # the issue: bf16 deploy >= 3x the float32 deploy at batch 8 (aim 4x)
+INT8_TARGET = 4.0  # the issue: int8 deploy >= 4x the float32 deploy at batch 8 (aim 6x)
 ROOF_N = 2048  # size of the roof matmuls (section 5), as matmul_gmacs_per_s
 # INT8 calibration on random-normal images (speed does not depend on them); agreement with fp32 on
 # real images: the classification demo's validation set at the model's input size
@@ -772,23 +776,29 @@ def section_train(args: argparse.Namespace, out: Report) -> None:
 
 # ============================================================================ section 5
 # row name → (runtime, precision); the reference first
-RUNTIME_ROWS = {"torch fp32": ("torch", "fp32"), "torch bf16": ("torch", "bf16"), "ort fp32": ("onnxruntime", "fp32"),
-                "ort int8": ("onnxruntime", "int8"), "pt2e int8": ("torch PT2E, compiled", "int8")}
+RUNTIME_ROWS = {"torch fp32": ("torch", "fp32"), "torch bf16": ("torch", "bf16"), "torch int8": ("torch", "int8"),
+                "ort fp32": ("onnxruntime", "fp32"), "ort int8": ("onnxruntime", "int8")}
 
 
 def roof_matmuls(n: int = ROOF_N) -> dict[str, Callable[[], Any]]:
-    """One n x n x n matrix multiply per precision, timed alongside the models as their roofs:
-    fp32 and bf16 as ``torch.mm`` (oneDNN, which runs the convs too; bf16 only with native bf16);
-    int8 as ONNX Runtime's ``MatMulInteger`` (uint8 x int8 → int32), i.e. MLAS's U8S8 GEMM, the
-    kernels behind the INT8 model's QLinearConv/QDQ ops, which use AVX512-VNNI or AMX where the CPU
-    has them. (``torch._int_mm`` also runs on CPU, but its rate swung 45–500 GMAC/s between tries
-    here, and the int8 models timed are ONNX Runtime's.) Needs onnxruntime for int8. The fp32 roof
-    serves the ONNX Runtime fp32 rows too (MLAS's SGEMM reached it within a few % here)."""
+    """One n x n x n matrix multiply per precision and runtime, timed alongside the models as their
+    roofs: fp32 and bf16 as ``torch.mm`` (oneDNN, which runs the convs too; bf16 only with native
+    bf16); ``int8 torch`` as a PT2E-quantized, compiled ``nn.Linear`` (oneDNN's u8 x s8 GEMM behind
+    ``qlinear_pointwise``, the kernels of the torch int8 models); ``int8 onnxruntime`` as ONNX
+    Runtime's ``MatMulInteger`` (uint8 x int8 → int32), i.e. MLAS's U8S8 GEMM behind the INT8
+    model's QLinearConv/QDQ ops. Both int8 GEMMs use AVX512-VNNI or AMX where the CPU has them.
+    (``torch._int_mm`` also runs on CPU, but its rate swung 45–500 GMAC/s between tries here.)
+    The fp32 roof serves the ONNX Runtime fp32 rows too (MLAS's SGEMM reached it within a few % here)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     fns: dict[str, Callable[[], Any]] = {"fp32": lambda: a @ b}
     if bf16_supported():
         a16, b16 = a.bfloat16(), b.bfloat16()
         fns["bf16"] = lambda: a16 @ b16
+    if _has_torchao():
+        linear = nn.Linear(n, n, bias=False).eval()
+        int8_linear = quantize_pt2e(linear, [a.relu()])  # activations as after a ReLU: the u8 range used
+        x = torch.randn(n, n).relu()
+        fns["int8 torch"] = lambda: int8_linear(x)
     if _has_onnxruntime():
         import onnxruntime as ort
         from onnx import TensorProto, helper, numpy_helper
@@ -805,31 +815,24 @@ def roof_matmuls(n: int = ROOF_N) -> dict[str, Callable[[], Any]]:
         session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
                                        .SerializeToString(), options, providers=["CPUExecutionProvider"])
         feed = {"A": torch.randint(0, 256, (n, n), dtype=torch.uint8, generator=gen).numpy()}
-        fns["int8"] = lambda: session.run(None, feed)
+        fns["int8 onnxruntime"] = lambda: session.run(None, feed)
     return fns
+
+
+ROOFS = ("fp32", "bf16", "int8 torch", "int8 onnxruntime")
+
+
+def _roof_key(runtime: str, precision: str) -> str:
+    """The roof a row is measured against: its precision's, and for int8 its runtime's GEMM."""
+    return f"int8 {runtime}" if precision == "int8" else precision
 
 
 def _has_onnxruntime() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime", "onnxscript"))
 
 
-def pt2e_int8(model: nn.Module, example: Tensor, calibration: list[Tensor]) -> tuple[Callable[[Tensor], Tensor], float]:
-    """torchao's PT2E x86 INT8 model for ``example``'s shape, compiled (and the seconds the first
-    compiled call took: minutes on 2 cores)."""
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
-
-    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
-    with torch.no_grad():
-        prepared = prepare_pt2e(torch.export.export(model.eval(), (example,)).module(), quantizer)
-        for batch in calibration:
-            prepared(batch)
-        compiled = torch.compile(convert_pt2e(prepared))
-    with torch.inference_mode():  # as it is timed: compiled for no_grad, it would recompile there
-        start = time.perf_counter()
-        compiled(example)
-    return compiled, time.perf_counter() - start
+def _has_torchao() -> bool:
+    return importlib.util.find_spec("torchao") is not None
 
 
 def demo_images(size: tuple[int, int], count: int) -> Tensor:
@@ -850,11 +853,13 @@ def section_runtimes(names: list[str], args: argparse.Namespace, out: Report) ->
     out(f"## 5. Deploy inference runtimes: fp32 / bf16 / int8 x torch / onnxruntime (batch "
         f"{', '.join(map(str, args.batches))}; {torch.get_num_threads()} threads)")
     out()
-    has_ort, has_bf16 = _has_onnxruntime(), bf16_supported()
+    has_ort, has_bf16, has_pt2e = _has_onnxruntime(), bf16_supported(), _has_torchao()
     if not has_bf16:
         out("No torch bf16 rows: this CPU has no native bf16 (`backbones.deploy.bf16_supported()` is False).")
     if not has_ort:
         out("No onnxruntime rows: the onnx extra is not installed (`pip install -e \".[onnx]\"`).")
+    if not has_pt2e:
+        out("No torch int8 rows: the int8 extra is not installed (`pip install -e \".[int8]\"`).")
     rows, roof_rows, notes = [], [], []
     roofs = {f"roof {k}": fn for k, fn in roof_matmuls().items()}
     with tempfile.TemporaryDirectory() as folder:
@@ -880,7 +885,7 @@ def section_runtimes(names: list[str], args: argparse.Namespace, out: Report) ->
 
             def accuracy(fn: Callable[[Tensor], Tensor], chunk: int) -> tuple[float, float]:
                 """Max rel. error and top-1 agreement against torch fp32 on the held-out images that
-                fill whole chunks (the PT2E model takes only the batch shape it was built for)."""
+                fill whole chunks."""
                 images = held_out[:len(held_out) // chunk * chunk]
                 with torch.inference_mode():
                     reference, logits = fp32(images), torch.cat([fn(b) for b in images.split(chunk)])
@@ -891,57 +896,53 @@ def section_runtimes(names: list[str], args: argparse.Namespace, out: Report) ->
             for batch in args.batches:
                 x = torch.randn(batch, in_chans, *size, generator=gen)
                 fns = {k: (lambda fn=fn: fn(x)) for k, fn in runners.items()}
-                if args.pt2e:
-                    progress(f"runtimes: {name}: PT2E prepare, calibrate, convert, compile at batch {batch}")
-                    quality.pop("pt2e int8", None)  # the previous batch's
-                    try:
-                        chunks = [c for c in calibration.split(batch) if len(c) == batch] or [x]
-                        compiled, compile_s = pt2e_int8(fp32, x, chunks)
-                        fns["pt2e int8"] = lambda: compiled(x)
-                        if batch <= len(held_out):
-                            quality["pt2e int8"] = accuracy(compiled, batch)
-                        notes.append(f"`{name}` batch {batch}: PT2E first compiled call {compile_s:.0f} s")
-                    except Exception as exc:  # report it and time the others: the PT2E row is optional
-                        notes.append(f"`{name}` batch {batch}: PT2E failed: {type(exc).__name__}: "
-                                     f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
+                if has_pt2e:
+                    progress(f"runtimes: {name}: torch int8: PT2E prepare, calibrate, convert, compile for batch {batch}")
+                    int8 = quantize_pt2e(fp32, list(calibration.split(batch)), batch)
+                    fns = {k: fns[k] for k in fns if k.startswith("torch")} | {"torch int8": lambda: int8(x)} | \
+                        {k: fns[k] for k in fns if not k.startswith("torch")}
+                    quality["torch int8"] = accuracy(int8, 8)
+                    notes.append(f"`{name}` batch {batch}: torch int8 compiled in {int8.compile_seconds:.0f} s")
                 progress(f"runtimes: {name}: timing at batch {batch}")
                 timings = interleaved({**fns, **roofs}, args.repeats, RUNTIMES_BUDGET_S, RUNTIMES_REPS)
                 roof = {k[5:]: ROOF_N ** 3 / statistics.median(timings.times[k]) / 1e9 for k in roofs}
                 for k in fns:
-                    precision = RUNTIME_ROWS[k][1]
                     rate = model_gmacs * batch / timings.median_ms(k) * 1e3
                     error, agree = quality.get(k, (math.nan, math.nan))
-                    no_quality = k == "torch fp32" or k not in quality  # the reference; PT2E at a batch > held-out
+                    no_quality = k == "torch fp32" or k not in quality
                     rows.append([f"`{name}`", str(batch), *RUNTIME_ROWS[k], f"{timings.median_ms(k):.1f}",
                                  "1.00" if k == "torch fp32" else timings.ratio_text("torch fp32", k),
                                  f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}",
-                                 f"{100 * rate / roof[precision]:.0f}%" if precision in roof else "–",
+                                 f"{100 * rate / roof[key]:.0f}%" if (key := _roof_key(*RUNTIME_ROWS[k])) in roof else "–",
                                  "–" if no_quality else fmt_err(error), "–" if no_quality else f"{agree:.2f}"])
                 roof_rows.append([f"`{name}`", str(batch), fmt_gmacs(model_gmacs),
-                                  *(f"{roof[p]:.0f}" if p in roof else "–" for p in ("fp32", "bf16", "int8")),
+                                  *(f"{roof[p]:.0f}" if p in roof else "–" for p in ROOFS),
                                   f"{timings.rounds} (+{100 * timings.spread():.0f}%)"])
-                if batch == TARGET_BATCH and "torch bf16" in fns:
-                    speedup = timings.ratio("torch fp32", "torch bf16")
-                    notes.append(f"bf16 target (torch bf16 >= {BF16_TARGET:g}x torch fp32 at batch {TARGET_BATCH}): "
-                                 f"`{name}` {speedup:.2f}x → {'meets' if speedup >= BF16_TARGET else 'misses'} it")
+                for row, label, target in (("torch bf16", "bf16", BF16_TARGET), ("torch int8", "int8", INT8_TARGET)):
+                    if batch == TARGET_BATCH and row in fns:
+                        speedup = timings.ratio("torch fp32", row)
+                        notes.append(f"{label} target ({row} >= {target:g}x torch fp32 at batch {TARGET_BATCH}): "
+                                     f"`{name}` {speedup:.2f}x → {'meets' if speedup >= target else 'misses'} it")
             del runners, fns
     out.table(["model (deploy)", "batch", "runtime", "precision", "ms / batch", "speed vs torch fp32 (per-round IQR)",
                "GMAC/s", "of its roof", "max rel. err", "top-1 agreement"], rows)
     out()
-    out.table(["model", "batch", "GMACs / image", "fp32 roof GMAC/s", "bf16 roof GMAC/s", "int8 roof GMAC/s",
-               "rounds (noise)"], roof_rows)
+    out.table(["model", "batch", "GMACs / image", *(f"{p} roof GMAC/s" for p in ROOFS), "rounds (noise)"], roof_rows)
     out()
     for note in notes:
         out(f"- {note}")
     if notes:
         out()
     out(f"Each model x batch is one interleaved run of every runtime and of the roofs, {ROOF_N}^3 matrix "
-        "multiplies: fp32 and bf16 `torch.mm`, int8 ONNX Runtime `MatMulInteger` (uint8 x int8, MLAS's "
-        "VNNI/AMX GEMM). \"Of its roof\" is the row's GMACs x batch / time over the roof of its precision "
+        "multiplies: fp32 and bf16 `torch.mm`; int8 torch a PT2E-quantized compiled `nn.Linear` (oneDNN's "
+        "u8 x s8 GEMM) and int8 onnxruntime `MatMulInteger` (MLAS's u8 x s8 GEMM), both on VNNI/AMX. \"Of "
+        "its roof\" is the row's GMACs x batch / time over the roof of its precision (int8: of its runtime) "
         "from the same run. torch fp32 is the deploy model with the CPU fusion pass; torch bf16 "
-        "`to_bf16` + `Bf16Inference` (input cast to bf16 channels_last, output back to float32); ort fp32 "
+        "`to_bf16` + `Bf16Inference` (input cast to bf16 channels_last, output back to float32); torch int8 "
+        "`quantize_pt2e` (PT2E static, S8 per-channel weights, U8 activations; Inductor with freezing, compiled "
+        "for the batch size); ort fp32 "
         "`export_onnx` + `OnnxModel`; ort int8 `quantize_int8` (static QDQ, U8 activations, S8 per-channel "
-        f"weights) calibrated on {RUNTIMES_CALIBRATION} random-normal images. Accuracy against torch fp32 on "
+        f"weights); both INT8 calibrated on {RUNTIMES_CALIBRATION} random-normal images. Accuracy against torch fp32 on "
         f"{RUNTIMES_HELD_OUT} real images (the classification demo's validation set at the model's input size; "
         "random weights separate classes weakly, so top-1 agreement is a lower bound on what a trained model keeps). ONNX Runtime sessions do not spin. On a "
         "loaded machine 2 threads can run slower than 1 (a descheduled thread stalls every kernel): compare "
@@ -970,8 +971,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="section 4: batch size (default: 32, the OREPA paper's batch per GPU)")
     parser.add_argument("--batches", type=int, nargs="+", default=list(RUNTIME_BATCHES), metavar="N",
                         help="section 5: batch sizes (default: 1 8)")
-    parser.add_argument("--pt2e", action="store_true",
-                        help="section 5: also torchao's PT2E x86 INT8, compiled per model and batch (minutes each)")
     args = parser.parse_args(argv)
     if min(args.batch, *args.batches, *(v for v in (args.repeats, args.threads) if v is not None)) < 1:
         parser.error("--batch, --batches, --repeats and --threads must be positive")

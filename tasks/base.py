@@ -17,7 +17,8 @@
   kept in the checkpoint and given back to the CSV logger on resume (:mod:`tasks.lightning.csv_logger`);
 - the runtime and precision the test and predict stages run the model on (:meth:`use_runtime`,
   :mod:`tasks.runtime`), and the throughput measured in them;
-- ``results.json`` in the log folder after every test run (:meth:`on_test_end`).
+- ``results.json`` in the log folder after every test run (:meth:`on_test_end`);
+  ``results.<runtime>-<precision>.json`` for a test on another runtime or precision.
 
 Subclasses add the head, the loss, the metrics and the steps.
 """
@@ -44,9 +45,10 @@ from tasks.lightning.csv_logger import CheckpointedCSVLogger, PendingRow
 from tasks.lightning.rng_state import rng_state, set_rng_state
 from tasks.runtime import Runner, RuntimeSpec, build_runner, first_inputs
 
-__all__ = ["ReparamTask", "RESULTS_FILE"]
+__all__ = ["ReparamTask", "RESULTS_FILE", "RESULTS_PATTERN"]
 
-RESULTS_FILE = "results.json"
+RESULTS_FILE = "results.json"  # a torch fp32 test; other runtimes: RuntimeSpec.results_file
+RESULTS_PATTERN = "results*.json"  # every test of a run folder
 
 
 def _finite(value: Any) -> Any:
@@ -404,7 +406,7 @@ class ReparamTask(pl.LightningModule):
     def use_runtime(self, spec: RuntimeSpec, calibration: Optional[list[Tensor]] = None) -> None:
         """Run the next test or predict stage on ``spec`` (:mod:`tasks.runtime`). ``calibration``:
         batches of training images (evaluation transform), which :meth:`calibration_inputs` turns
-        into model inputs; needed by onnxruntime (export check, INT8 calibration)."""
+        into model inputs; needed by onnxruntime and INT8 (export check, INT8 calibration)."""
         self.runtime_spec = spec
         self._calibration = calibration
 
@@ -427,10 +429,11 @@ class ReparamTask(pl.LightningModule):
 
     def _start_runtime(self) -> None:
         self._test_images = 0
-        calibration = None
+        calibration, batch_size = None, None
         if self._calibration is not None:
             calibration = self.inputs_from_images(self._calibration, self.runtime_spec.calibration_images)
-        self._runner = build_runner(self, self.runtime_spec, calibration)
+            batch_size = max(int(images.shape[0]) for images in self._calibration)  # the test batch
+        self._runner = build_runner(self, self.runtime_spec, calibration, batch_size=batch_size)
 
     def _stop_runtime(self) -> None:
         if self._runner is not None:
@@ -457,7 +460,8 @@ class ReparamTask(pl.LightningModule):
 
     # ------------------------------------------------------------------ results
     def results(self) -> dict[str, Any]:
-        """What a test run reports; written to ``results.json`` by :meth:`on_test_end`."""
+        """What a test run reports; written to ``results.json`` (or the runtime's
+        :attr:`~tasks.runtime.RuntimeSpec.results_file`) by :meth:`on_test_end`."""
         metrics = {
             k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")
         }
@@ -494,7 +498,7 @@ class ReparamTask(pl.LightningModule):
         folder = self.trainer.log_dir or self.trainer.default_root_dir  # collective: every rank asks
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             os.makedirs(folder, exist_ok=True)
-            path = os.path.join(folder, RESULTS_FILE)
+            path = os.path.join(folder, self.runtime_spec.results_file)
             atomic_write_json(path, _finite(self.results()))
             print(f"results written to {path}")
         self._runner = None

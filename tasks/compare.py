@@ -1,7 +1,8 @@
 """Compare test runs of one task side by side: ``python -m tasks.compare RUN_OR_RESULTS... [--baseline NAME] [--out DIR]``.
 
 Each argument is a ``results.json`` written by ``python -m tasks.X test`` (or by ``fit``, which
-tests the deploy model when it ends), or the run folder holding it. A run is one row: a model on
+tests the deploy model when it ends), or the run folder holding it: then every test in it, the
+``results.<runtime>-<precision>.json`` of ``--test_after_fit`` pairs too. A test is one row: a model on
 the runtime and precision it was tested on (``name [onnxruntime int8]`` when not fp32 torch). For
 every row:
 
@@ -38,11 +39,11 @@ import torch
 
 from backbones.complexity import count_macs, count_params
 
-from .base import RESULTS_FILE
+from .base import RESULTS_FILE, RESULTS_PATTERN
 from .plot import FORMATS, Panel, Point, draw_panels
 from .runtime import PRECISIONS, RUNTIMES, RuntimeSpec, build_runner
 
-__all__ = ["CompareError", "Run", "load_run", "check_comparable", "measure", "compare", "main"]
+__all__ = ["CompareError", "Run", "load_run", "load_runs", "check_comparable", "measure", "compare", "main"]
 
 # Metrics known to be fractions, shown x100 as percentages under these names; any other is shown raw.
 PERCENT_METRICS = {"test/top1": "top-1 (%)", "test/mIoU": "mIoU (%)", "test/acc": "verification acc. (%)"}
@@ -127,26 +128,34 @@ class Run:
         return (self.results.get("reparam") or {}).get("relative_error")
 
 
-def _results_path(arg: str) -> Path:
+def _results_paths(arg: str) -> list[Path]:
+    """The results files an argument names: the file itself, or every test of a run folder
+    (``results.json`` and the ``results.<runtime>-<precision>.json`` beside it), or those of the one
+    run folder below it."""
     path = Path(arg)
     if path.is_file():
-        return path
+        return [path]
     if not path.exists():
         raise CompareError(f"{arg}: no such file or folder (give a run folder or its {RESULTS_FILE})")
-    if (path / RESULTS_FILE).is_file():
-        return path / RESULTS_FILE
-    found = sorted(path.rglob(RESULTS_FILE))
-    if len(found) == 1:
-        return found[0]
-    if not found:
+    here = sorted(path.glob(RESULTS_PATTERN), key=lambda p: (p.name != RESULTS_FILE, p.name))
+    if here:
+        return here
+    folders = sorted({p.parent for p in path.rglob(RESULTS_PATTERN)})
+    if len(folders) == 1:
+        return _results_paths(str(folders[0]))
+    if not folders:
         raise CompareError(f"{arg}: no {RESULTS_FILE} in this folder or below; run `python -m tasks.<task> test` first")
-    listing = "\n  ".join(str(p) for p in found[:10])
-    raise CompareError(f"{arg} holds {len(found)} runs; name one of them:\n  {listing}")
+    listing = "\n  ".join(str(p) for p in folders[:10])
+    raise CompareError(f"{arg} holds {len(folders)} runs; name one of them:\n  {listing}")
 
 
-def load_run(arg: str) -> Run:
-    """Read one run; its name is the backbone, plus the run folder when given twice (see :func:`compare`)."""
-    path = _results_path(arg)
+def load_runs(arg: str) -> list[Run]:
+    """The tests an argument names (:func:`_results_paths`), one :class:`Run` each."""
+    return [load_run(path) for path in _results_paths(arg)]
+
+
+def load_run(path: Path) -> Run:
+    """Read one results file; its name is the backbone (see :func:`compare` for how rows are told apart)."""
     try:
         results = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -275,7 +284,7 @@ def _value(value: Optional[float], percent: bool, signed: bool = False) -> str:
 def compare(args: Sequence[str], baseline: Optional[str], out: Path, batch_size: int, iters: int,
             device: str = "cpu", allow_different_data: bool = False) -> list[dict[str, Any]]:
     """Build the comparison (see the module doc); returns its rows."""
-    runs = [load_run(a) for a in args]
+    runs = [run for a in args for run in load_runs(a)]
     mixed_data = check_comparable(runs, allow_different_data)
     task = runs[0].task
     for r in runs:  # a model on another runtime or precision is a row of its own

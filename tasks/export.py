@@ -28,6 +28,7 @@ import yaml
 
 from backbones.cli_common import CLI_ERRORS, check_destination, report_cli_error
 
+from .base import RESULTS_PATTERN
 from .runtime import export_task
 
 __all__ = ["export_run", "main"]
@@ -41,8 +42,7 @@ CHECK_INPUTS = 16
 
 
 def _task_name(run: Path) -> str:
-    for name in ("deploy.json", "results.json"):
-        path = run / name
+    for path in [run / "deploy.json", *sorted(run.glob(RESULTS_PATTERN))]:
         if path.is_file():
             task = json.loads(path.read_text()).get("task")
             if task in TASK_MODULES:

@@ -197,9 +197,9 @@ class SegmentationTask(ReparamTask):
         return (logits / count)[:, :, :h, :w]
 
     def use_runtime(self, spec: RuntimeSpec, calibration: Optional[list[Tensor]] = None) -> None:
-        if spec.runtime == "onnxruntime" and self.hparams.inference != "slide":
-            raise ValueError(f"--runtime onnxruntime runs the exported model on windows of {self.window[0]}x"
-                             f"{self.window[1]}: it needs model.inference slide, got {self.hparams.inference!r}")
+        if spec.needs_calibration and self.hparams.inference != "slide":  # an exported or compiled model
+            raise ValueError(f"--runtime {spec.runtime} --precision {spec.precision} runs a model built for windows of "
+                             f"{self.window[0]}x{self.window[1]}: it needs model.inference slide, got {self.hparams.inference!r}")
         super().use_runtime(spec, calibration)
 
     def calibration_inputs(self, images: Tensor) -> Tensor:

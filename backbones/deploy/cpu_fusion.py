@@ -14,7 +14,9 @@
 State-dict keys and shapes stay those of the plain deploy model, so deploy checkpoints load into a
 fused model strictly. The fused kernels are taken only where they apply (float32 CPU inference,
 no tracing, export or dispatch mode; see :mod:`.fused_conv`); everywhere else, and inside
-``with fusion(False):``, the fused modules run exactly the plain ops. The pass is idempotent.
+``with fusion(False):``, the fused modules run exactly the plain ops. The pass is idempotent, and
+:func:`unfuse_for_cpu` undoes it (for passes that match plain ``nn.Conv2d`` modules, such as PT2E
+quantization).
 
 ``backbones.reparameterize_model`` and ``backbones.create(name, deploy=True)`` apply it; a model
 built from its class with ``deploy=True`` runs the plain ops until ``fuse_for_cpu(model)``.
@@ -31,7 +33,7 @@ from ..layers.repmlp_blocks import RepMLPBottleneck, RepMLPLight
 from ..models.resnet import BasicBlock, Bottleneck
 from .fused_conv import conv_act
 
-__all__ = ["FusedConvAct", "fuse_for_cpu", "FusedBottleneck", "FusedBasicBlock", "FusedRepMLPBottleneck",
+__all__ = ["FusedConvAct", "fuse_for_cpu", "unfuse_for_cpu", "FusedBottleneck", "FusedBasicBlock", "FusedRepMLPBottleneck",
            "FusedRepMLPLight"]
 
 
@@ -96,7 +98,7 @@ class FusedRepMLPBottleneck(RepMLPBottleneck):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.conv2(self.conv1(x))
-        out = self.relu(self.repmlp(out))
+        out = self.repmlp_act(self.repmlp(out))
         return _tail(self.conv5, self.conv4(out), self.relu, self.shortcut(x))
 
 
@@ -104,7 +106,7 @@ class FusedRepMLPLight(RepMLPLight):
     """A deploy :class:`RepMLPLight` whose conv3, shortcut add and ReLU run as one kernel."""
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.repmlp(self.conv1(x)))
+        out = self.repmlp_act(self.repmlp(self.conv1(x)))
         return _tail(self.conv3, out, self.relu, self.shortcut(x))
 
 
@@ -131,4 +133,24 @@ def fuse_for_cpu(model: nn.Module) -> nn.Module:
         tail = getattr(module, module.last_unit)
         if _deploy_conv(tail) is not None and isinstance(tail.act, nn.Identity):
             module.__class__ = counterpart
+    return model
+
+
+def unfuse_for_cpu(model: nn.Module) -> nn.Module:
+    """Undo :func:`fuse_for_cpu` in place (returns ``model``): plain ``nn.Conv2d`` convs, each unit's
+    activation back in its ``act``, the residual blocks' own classes. Keys, shapes and Parameters
+    are unchanged. A pass that matches modules by type (PT2E's quantizers look for ``nn.Conv2d``
+    calls) needs the plain form."""
+    fused_to_plain = {fused: plain for plain, fused in FUSED_BLOCKS.items()}
+    for module in list(model.modules()):
+        if type(module) in fused_to_plain:
+            module.__class__ = fused_to_plain[type(module)]
+        conv = _deploy_conv(module)
+        if isinstance(conv, FusedConvAct):
+            plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                              conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
+            plain.weight, plain.bias = conv.weight, conv.bias
+            plain.train(conv.training)
+            setattr(module, "conv" if isinstance(module, ConvBN) else "reparam_conv", plain)
+            module.act = conv.act
     return model

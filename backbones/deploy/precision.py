@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .cpu_fusion import fuse_for_cpu
 from .fused_conv import _native_bf16, clear_packed_weights
 
-__all__ = ["bf16_supported", "to_bf16", "Bf16Inference"]
+__all__ = ["bf16_supported", "to_bf16", "Bf16Inference", "require_deploy"]
 
 
 def bf16_supported() -> bool:
@@ -30,6 +30,19 @@ def bf16_supported() -> bool:
     and, on x86, ``torch.cpu._is_avx512_bf16_supported()`` (oneDNN's check alone also accepts a
     plain AVX-512 CPU, which emulates bf16 slower than float32)."""
     return _native_bf16()
+
+
+def require_deploy(model: nn.Module, caller: str) -> None:
+    """Raise RuntimeError naming the first train-time module of ``model``: reduced precision is for
+    the converted model, whose merged weights are rounded once (a train-time model would round every
+    branch and BN separately, and nothing would run fused)."""
+    train_time = [name or type(model).__name__ for name, m in model.named_modules() if getattr(m, "deploy", None) is False]
+    if train_time:
+        raise RuntimeError(
+            f"{caller} takes a converted (deploy) model, but {len(train_time)} module(s) are in train-time form "
+            f"(first: {train_time[0]}); convert it first with backbones.reparameterize_model(model): "
+            "reduced precision would round every branch and BN separately, and nothing would run fused"
+        )
 
 
 def to_bf16(model: nn.Module) -> nn.Module:
@@ -44,13 +57,7 @@ def to_bf16(model: nn.Module) -> nn.Module:
             "torch.ops.mkldnn._is_mkldnn_bf16_supported() and, on x86, AVX512_BF16); emulated bf16 runs "
             "slower than float32, so keep the model in float32"
         )
-    train_time = [name or type(model).__name__ for name, m in model.named_modules() if getattr(m, "deploy", None) is False]
-    if train_time:
-        raise RuntimeError(
-            f"to_bf16 takes a converted (deploy) model, but {len(train_time)} module(s) are in train-time form "
-            f"(first: {train_time[0]}); convert it first with backbones.reparameterize_model(model): "
-            "bf16 would round every branch and BN separately, and nothing would run fused"
-        )
+    require_deploy(model, "to_bf16")
     fuse_for_cpu(model)
     clear_packed_weights(model)  # the float32 copies; the bf16 ones are packed on first use
     with torch.inference_mode(False):  # inference tensors keep no version counter: never fused

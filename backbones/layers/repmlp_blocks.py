@@ -65,11 +65,13 @@ class RepMLPBottleneck(ReparamBlock):
         self.conv4 = ConvBN(inner, mid_channels, 3, dilation=dilation, act=True, deploy=deploy)
         self.conv5 = ConvBN(mid_channels, out_channels, 1, deploy=deploy)
         self.shortcut = conv_shortcut(in_channels, out_channels, deploy=deploy)
+        # one module per call: a quantizer (PT2E) annotates an activation module's calls as one pattern
+        self.repmlp_act = nn.ReLU(inplace=True)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.conv2(self.conv1(x))
-        out = self.relu(self.repmlp(out))
+        out = self.repmlp_act(self.repmlp(out))
         return self.relu(self.conv5(self.conv4(out)) + self.shortcut(x))
 
 
@@ -90,8 +92,10 @@ class RepMLPLight(ReparamBlock):
         self.repmlp = mlp.build(mid_channels, input_size, deploy)
         self.conv3 = ConvBN(mid_channels, out_channels, 1, deploy=deploy)
         self.shortcut = conv_shortcut(in_channels, out_channels, deploy=deploy)
+        # one module per call: a quantizer (PT2E) annotates an activation module's calls as one pattern
+        self.repmlp_act = nn.ReLU(inplace=True)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.repmlp(self.conv1(x)))
+        out = self.repmlp_act(self.repmlp(self.conv1(x)))
         return self.relu(self.conv3(out) + self.shortcut(x))

@@ -13,10 +13,11 @@
   one process at a time writes a run folder, and a command that fails before training removes the
   folder it created (:mod:`tasks.lightning.run_folder`);
 - checkpoints are written atomically and an unreadable one is named (:mod:`tasks.lightning.checkpoint_io`);
-- ``fit`` is followed by ``test`` of the converted model (``--test_after_fit false`` to skip);
+- ``fit`` is followed by ``test`` of the converted model (``--test_after_fit false`` to skip, or a
+  list of runtime/precision pairs to test it on each: ``[torch/fp32, torch/int8]``);
 - ``test`` and ``predict`` run the model on ``--runtime torch|onnxruntime`` in ``--precision
-  fp32|bf16|int8`` (:mod:`tasks.runtime`); onnxruntime also gets ``--calibration_images`` training
-  images, seeded by ``seed_everything``, to check the export and calibrate INT8;
+  fp32|bf16|int8`` (:mod:`tasks.runtime`); onnxruntime and INT8 also get ``--calibration_images``
+  training images, seeded by ``seed_everything``, to check the export and calibrate INT8;
 - ``--ckpt_path`` is Lightning's: a task checkpoint of this project, to resume or to evaluate,
   loaded into the model the config describes (use the run's saved ``config.yaml``); a checkpoint
   of another backbone, class count or mode is explained, and a deploy checkpoint turns the model
@@ -30,7 +31,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pytorch_lightning import Trainer
@@ -169,13 +170,14 @@ class TaskCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ReparamCallback, "reparam")
         parser.add_argument(
-            "--test_after_fit", type=bool, default=True,
-            help="fit only: test the converted model on the test split when fit ends",
+            "--test_after_fit", type=Union[bool, list[str]], default=True,
+            help="fit only: test the converted model on the test split when fit ends: true (torch fp32), "
+                 "false, or a list of RUNTIME/PRECISION pairs tested in turn, e.g. [torch/fp32, torch/int8]",
         )
         parser.add_argument("--runtime", type=Literal[RUNTIMES], default="torch",
                             help="test and predict: what runs the model (tasks.runtime)")
         parser.add_argument("--precision", type=Literal[PRECISIONS], default="fp32",
-                            help="test and predict: in what precision (bf16: torch; int8: onnxruntime)")
+                            help="test and predict: in what precision (bf16: torch; int8: torch PT2E or onnxruntime)")
         parser.add_argument("--calibration_images", type=int, default=256,
                             help="int8: training images (chosen with seed_everything) that calibrate it")
         parser.link_arguments(
@@ -270,10 +272,12 @@ class TaskCLI(LightningCLI):
         if not self._runtime_spec().is_default:
             raise ValueError(f"{self.subcommand} runs the fp32 torch model; --runtime and --precision are for test and "
                              "predict: python -m tasks.<task> test --config RUN/config.yaml --ckpt_path RUN/deploy.ckpt "
-                             "--runtime R --precision P")
+                             "--runtime R --precision P" + (", or fit with --test_after_fit '[torch/fp32, R/P]'"
+                                                            if self.subcommand == "fit" else ""))
 
     def before_fit(self) -> None:
         self._fp32_only()
+        self._tests_after_fit()  # a bad pair is an error before training, not after it
         self._hold_run_folder()
 
     def before_validate(self) -> None:
@@ -290,14 +294,32 @@ class TaskCLI(LightningCLI):
         config = self.config[self.subcommand]
         return RuntimeSpec(config.runtime, config.precision, config.calibration_images, seed=config.seed_everything)
 
-    def _use_runtime(self) -> None:
-        """Give the task the runtime of ``--runtime``/``--precision``, and for onnxruntime the
-        training images that check the export and calibrate INT8."""
-        spec = self._runtime_spec()
+    def _tests_after_fit(self) -> list[RuntimeSpec]:
+        """``--test_after_fit``: true is one torch fp32 test, false none, a list its pairs in order."""
+        config = self.config.fit
+        choice = config.get("test_after_fit")
+        if isinstance(choice, bool) or choice is None:
+            return [RuntimeSpec()] if choice else []
+        try:
+            specs = [RuntimeSpec.parse(pair, calibration_images=config.calibration_images, seed=config.seed_everything)
+                     for pair in choice]
+        except ValueError as exc:
+            raise ValueError(f"--test_after_fit: {exc}") from None
+        files = [spec.results_file for spec in specs]
+        if len(set(files)) < len(files):
+            raise ValueError(f"--test_after_fit names a pair twice: {list(choice)}")
+        return specs
+
+    def _use_runtime(self, spec: Optional[RuntimeSpec] = None) -> None:
+        """Give the task the runtime of ``spec`` (default ``--runtime``/``--precision``), and for
+        onnxruntime and INT8 the training images that check the export or the quantized model and
+        calibrate INT8."""
+        spec = spec or self._runtime_spec()
         calibration = None
-        if spec.runtime == "onnxruntime":
+        if spec.needs_calibration:
             if not hasattr(self.datamodule, "calibration_batches"):
-                raise ValueError(f"--runtime onnxruntime needs calibration images from the datamodule; "
+                raise ValueError(f"--runtime {spec.runtime} --precision {spec.precision} needs calibration images "
+                                 "from the datamodule; "
                                  f"{type(self.datamodule).__name__} offers none")
             calibration = self.datamodule.calibration_batches(spec.calibration_images, spec.seed)
         self.model.use_runtime(spec, calibration)
@@ -310,5 +332,8 @@ class TaskCLI(LightningCLI):
             print(f"the command failed before training: removed its new run folder {self._new_folder}", file=sys.stderr)
 
     def after_fit(self) -> None:
-        if self.config[self.subcommand].get("test_after_fit") and not self.trainer.interrupted:
+        if self.trainer.interrupted:
+            return
+        for spec in self._tests_after_fit():  # each writes its own results file (RuntimeSpec.results_file)
+            self._use_runtime(spec)
             self.trainer.test(self.model, datamodule=self.datamodule)

@@ -54,7 +54,7 @@ def claim_version(root: Path) -> int:
 def remove_unused(folder: Path) -> bool:
     """Remove ``folder`` if no training happened in it: no checkpoint, no results and no logged row
     (``metrics.csv`` absent or a header only). Returns whether it was removed."""
-    if not folder.is_dir() or any(folder.rglob("*.ckpt")) or (folder / "results.json").exists():
+    if not folder.is_dir() or any(folder.rglob("*.ckpt")) or any(folder.glob("results*.json")):
         return False
     metrics = folder / "metrics.csv"
     if metrics.is_file() and len(metrics.read_text().splitlines()) > 1:

@@ -58,7 +58,7 @@ def test_runtimes_section_times_every_runtime_against_torch_fp32_and_its_roof():
     tables = [[line.split("|")[1:-1] for line in block.splitlines()[2:]]
               for block in proc.stdout.split("\n\n") if block.startswith("| model")]
     runs, roofs = tables
-    expected = [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")]
+    expected = [("torch", "fp32"), ("torch", "bf16"), ("torch", "int8"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")]
     if not bf16_supported():
         assert "No torch bf16 rows" in proc.stdout
         expected.remove(("torch", "bf16"))
@@ -68,5 +68,8 @@ def test_runtimes_section_times_every_runtime_against_torch_fp32_and_its_roof():
         assert r[0].strip() == "`repvgg_a0_tiny`" and float(r[4]) > 0 and r[7].strip().endswith("%")
         if r[3].strip() == "bf16":  # bf16's rounding, as in tests/backbones/test_bf16_deploy.py
             assert 0 < float(r[8]) <= 3e-2
+        if r[3].strip() == "int8":  # quantized, and close (tests/backbones/test_pt2e_deploy.py)
+            assert 0 < float(r[8]) < 0.3
     assert [r[1].strip() for r in roofs] == ["1", "2"]
-    assert all(float(c) > 0 for r in roofs for c in r[3:6] if c.strip() != "–")
+    assert proc.stdout.count("torch int8 compiled in") == 2  # once per batch size
+    assert all(float(c) > 0 for r in roofs for c in r[3:7] if c.strip() != "–")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from datamodules.demo import classification_demo
+from tasks.compare import load_runs
 from conftest import REPO, print_configs, assert_failed as _failed, assert_ok as _ok, read_results as _results, run_task
 
 QUICK = [
@@ -123,6 +125,33 @@ def test_predict_writes_top5_csv(demo_run, tmp_path):
 @pytest.fixture(scope="module")
 def small_root(tmp_path_factory) -> Path:
     return classification_demo(tmp_path_factory.mktemp("small"), train_per_class=4, val_per_class=2, image_size=72)
+
+
+def test_fit_tests_on_each_runtime_pair_of_test_after_fit(small_root, tmp_path):
+    """``--test_after_fit`` as a list: the fitted deploy model is tested on each pair in turn, each
+    writing its own results file in the run folder, which tasks.compare then reads as rows."""
+    pytest.importorskip("torchao", reason="torch int8 needs the extra: pip install -e '.[int8]'")
+    quick = QUICK[:-2]  # without --test_after_fit false
+    proc = _ok(_cli("fit", "--data.root", str(small_root), "--model.backbone", "repvgg_a0_tiny",
+                    "--model.backbone_kwargs", "{}", *quick, "--test_after_fit", "[torch/fp32, torch/int8]",
+                    cwd=tmp_path, demo_root=tmp_path))
+    assert "INT8 (torch PT2E, compiled for batch" in proc.stdout
+    (run,) = (tmp_path / "runs" / "classification-demo").iterdir()
+    fp32, int8 = _results(run), json.loads((run / "results.torch-int8.json").read_text())
+    assert (fp32["runtime"], fp32["precision"], int8["runtime"], int8["precision"]) == ("torch", "fp32", "torch", "int8")
+    assert int8["data"] == fp32["data"] and int8["deploy"] is True and int8["throughput"]["images"] == 20
+    assert abs(int8["metrics"]["test/top1"] - fp32["metrics"]["test/top1"]) <= 0.1  # 2 of the 20 images
+    assert [(r.spec.runtime, r.spec.precision) for r in load_runs(str(run))] == [("torch", "fp32"), ("torch", "int8")]
+
+
+def test_a_bad_test_after_fit_pair_stops_before_training(small_root, tmp_path):
+    proc = _cli("fit", "--data.root", str(small_root), *QUICK[:-2], "--test_after_fit", "[torch/fp32, torch/fp16]",
+                cwd=tmp_path, demo_root=tmp_path)
+    _failed(proc, "--test_after_fit: --precision 'fp16': choose one of fp32, bf16, int8")
+    proc = _cli("fit", "--data.root", str(small_root), *QUICK[:-2], "--test_after_fit", "[torch-int8]",
+                cwd=tmp_path, demo_root=tmp_path)
+    _failed(proc, "'torch-int8': give RUNTIME/PRECISION, e.g. torch/int8")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
 
 
 def _copy(root: Path, tmp_path: Path) -> Path:

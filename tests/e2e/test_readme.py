@@ -161,6 +161,7 @@ def test_runtime_and_export_commands_on_the_demo_run(demo_runs, tmp_path):
     """The deploy runtimes on the demo run: each test-stage runtime scores the deploy model with the
     fp32 test's data and metric code, close to it; the exports are written, checked, never overwritten."""
     pytest.importorskip("onnxruntime", reason="the ONNX commands need the extra: pip install -e '.[onnx]'")
+    pytest.importorskip("torchao", reason="torch int8 needs the extra: pip install -e '.[int8]'")
     cwd, demo_root = _demo_copy(demo_runs, "classification", tmp_path)
     run = cwd / "runs" / "classification-demo"
     fp32 = read_results(run / "version_0")
@@ -171,7 +172,7 @@ def test_runtime_and_export_commands_on_the_demo_run(demo_runs, tmp_path):
         if "tasks.export" in command:
             assert "check: onnxruntime fp32 against the PyTorch model, max relative error" in proc.stdout
     tested = {(r["runtime"], r["precision"]): r for r in map(read_results, set(run.glob("version_*")) - before)}
-    assert set(tested) == {("onnxruntime", "int8"), ("torch", "bf16")} and (fp32["runtime"], fp32["precision"]) == ("torch", "fp32")
+    assert set(tested) == {("onnxruntime", "int8"), ("torch", "int8"), ("torch", "bf16")} and (fp32["runtime"], fp32["precision"]) == ("torch", "fp32")
     for (runtime, precision), results in tested.items():
         drop = {"int8": 0.03, "bf16": 0.01}[precision]  # 15 and 5 of the 500 demo images
         assert results["metrics"]["test/top1"] >= fp32["metrics"]["test/top1"] - drop, (runtime, precision, results["metrics"])

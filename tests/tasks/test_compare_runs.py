@@ -146,3 +146,21 @@ def test_a_runtime_field_out_of_its_choices_is_named(tmp_path, plotted, capsys):
     bad = _run(tmp_path, "a", runtime="tensorrt")
     assert _compare(tmp_path, bad) == 2
     assert f"{bad}: field 'runtime' must be one of torch, onnxruntime" in capsys.readouterr().err
+
+
+def test_a_run_folder_gives_a_row_per_test_in_it(tmp_path, plotted):
+    """fit --test_after_fit [torch/fp32, torch/int8] leaves results.json and results.torch-int8.json
+    in one folder: both are rows, the fp32 one first; a folder of several runs is refused."""
+    fp32 = _run(tmp_path, "r", metrics={"test/top1": 0.9})
+    int8 = json.loads(fp32.read_text()) | {"runtime": "torch", "precision": "int8", "metrics": {"test/top1": 0.88}}
+    (fp32.parent / "results.torch-int8.json").write_text(json.dumps(int8))
+    (fp32.parent / ".results.json.x.tmp").write_text("{")  # an interrupted save is no test
+    runs = compare_module.load_runs(str(fp32.parent))
+    assert [(r.path.name, r.spec.precision) for r in runs] == [("results.json", "fp32"), ("results.torch-int8.json", "int8")]
+    assert [r.path.name for r in compare_module.load_runs(str(tmp_path))] == ["results.json", "results.torch-int8.json"]
+    assert _compare(tmp_path, fp32.parent) == 0
+    rows = {row["model"]: row for row in csv.DictReader(open(tmp_path / "cmp" / "comparison.csv"))}
+    assert set(rows) == {"r", "r [torch int8]"} and float(rows["r [torch int8]"]["delta"]) == pytest.approx(-0.02)
+    _run(tmp_path, "other")
+    with pytest.raises(compare_module.CompareError, match="holds 2 runs; name one of them"):
+        compare_module.load_runs(str(tmp_path))

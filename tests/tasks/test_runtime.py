@@ -1,5 +1,5 @@
 """The test stage's runtimes (tasks/runtime.py): the choices offered, the runners on the task's
-forward (bf16 torch, onnxruntime fp32 and INT8) against the fp32 torch model, the weights given
+forward (bf16 and INT8 torch, onnxruntime fp32 and INT8) against the fp32 torch model, the weights given
 back, and the calibration inputs (training images, segmentation windows). The CLI form runs in
 tests/e2e/test_deploy_runtimes.py."""
 from __future__ import annotations
@@ -20,8 +20,8 @@ from tasks.segmentation import SegmentationTask
 @pytest.mark.parametrize("runtime, precision, message", [
     ("tensorrt", "fp32", "--runtime 'tensorrt': choose one of torch, onnxruntime"),
     ("torch", "fp16", "--precision 'fp16': choose one of fp32, bf16, int8"),
-    ("torch", "int8", "--runtime torch --precision int8 is not offered (torch: fp32, bf16; onnxruntime: fp32, int8)"),
-    ("onnxruntime", "bf16", "--runtime onnxruntime --precision bf16 is not offered"),
+    ("onnxruntime", "bf16", "--runtime onnxruntime --precision bf16 is not offered (torch: fp32, bf16, int8; "
+                            "onnxruntime: fp32, int8)"),
 ])
 def test_the_choices_are_named(runtime, precision, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -106,3 +106,28 @@ def test_onnxruntime_int8_runner_keeps_the_predictions_of_the_calibrated_model()
     assert agree >= 0.75, agree
     runner.close()
     assert not runner.files[0].exists()  # the temporary export goes with the runner
+
+
+def test_torch_int8_runner_is_compiled_for_the_test_batch_and_leaves_the_task_as_it_was(capsys):
+    pytest.importorskip("torchao")
+    task = _classifier()
+    before = {k: v.clone() for k, v in task.state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    calibration = [torch.randn(8, 3, 64, 64, generator=generator) for _ in range(4)]
+    x = torch.randn(16, 3, 64, 64, generator=generator)
+    with torch.no_grad():
+        reference = task(x)
+    with pytest.raises(ValueError, match="--runtime torch --precision int8 needs inputs from the training images"):
+        build_runner(task, RuntimeSpec("torch", "int8"), None)
+    runner = build_runner(task, RuntimeSpec("torch", "int8"), calibration, batch_size=4)
+    assert "INT8 (torch PT2E, compiled for batch 4" in capsys.readouterr().out
+    out = torch.cat([runner(b) for b in x.split(4)])
+    assert runner.calls == 4 and runner.batch_size == 4
+    agree = (out.argmax(1) == reference.argmax(1)).float().mean().item()
+    assert agree >= 0.75, agree
+    assert 0 < ((out - reference).abs().max() / reference.abs().max()).item() < 0.1
+    runner.close()
+    after = task.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    with torch.no_grad():
+        assert torch.equal(task(x), reference)

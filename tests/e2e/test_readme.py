@@ -14,6 +14,7 @@ A command that fits none of these fails ``test_every_command_is_covered``.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -171,7 +172,9 @@ def test_runtime_and_export_commands_on_the_demo_run(demo_runs, tmp_path):
         proc = _run(command, cwd, demo_root)
         if "tasks.export" in command:
             assert "check: onnxruntime fp32 against the PyTorch model, max relative error" in proc.stdout
-    tested = {(r["runtime"], r["precision"]): r for r in map(read_results, set(run.glob("version_*")) - before)}
+    files = [file for folder in set(run.glob("version_*")) - before for file in folder.glob("results*.json")]
+    tested = {(r["runtime"], r["precision"]): r for r in (json.loads(f.read_text()) for f in files)}
+    assert sorted(f.name for f in files) == sorted(f"results.{rt}-{p}.json" for rt, p in tested)  # named by runtime
     assert set(tested) == {("onnxruntime", "int8"), ("torch", "int8"), ("torch", "bf16")} and (fp32["runtime"], fp32["precision"]) == ("torch", "fp32")
     for (runtime, precision), results in tested.items():
         drop = {"int8": 0.03, "bf16": 0.01}[precision]  # 15 and 5 of the 500 demo images

@@ -60,7 +60,7 @@ def _deploy_conv(unit: nn.Module) -> Optional[nn.Conv2d]:
     """The conv of a deploy conv unit whose forward is ``act(conv(x))``, or None for anything else."""
     if isinstance(unit, ConvBN) and unit.deploy:
         return unit.conv
-    if isinstance(unit, MergedConvBlock) and unit.deploy:
+    if isinstance(unit, MergedConvBlock) and unit.deploy and unit.fusable_act:
         return unit.reparam_conv
     return None
 

@@ -85,9 +85,18 @@ class MergedConvBlock(ReparamBlock):
             return self.reparam_conv.weight, self.reparam_conv.bias
         return self.merge_branches()
 
+    # children that follow the conv and stay at deploy; the CPU fusion pass fuses ``act`` into the conv
+    # only when nothing else stands between them (``fusable_act``)
+    kept_modules: tuple[str, ...] = ("act",)
+
+    @property
+    def fusable_act(self) -> bool:
+        """Whether the forward is ``act(conv(x))`` once converted (the CPU fusion pass relies on it)."""
+        return True
+
     def _build_deploy(self) -> None:
         kernel, bias = self.get_equivalent_kernel_bias()
-        for name in [n for n in self._modules if n != "act"] + list(self._parameters) + list(self._buffers):
+        for name in [n for n in self._modules if n not in self.kept_modules] + list(self._parameters) + list(self._buffers):
             delattr(self, name)
         conv = self.new_conv(device="meta")  # no init work: both tensors are replaced
         assign_parameter(conv, "weight", kernel)

@@ -11,14 +11,20 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from . import mmseg, official_repmlp
-from .formats import BACKBONE_FILE, LIGHTNING, STATE_DICT, Weights, WeightFormat
-from .io import PathLike, load_state_dict_file
+from torch import nn
 
-__all__ = ["FORMATS", "read_weights", "weights_of_checkpoint"]
+from . import mmseg, official_mobileone, official_repmlp, official_repvgg, timm_byobnet
+from .formats import BACKBONE_FILE, LIGHTNING, STATE_DICT, Weights, WeightFormat
+from .io import PathLike, load_into, load_state_dict_file
+
+__all__ = ["FORMATS", "OFFICIAL_ARCHS", "read_weights", "weights_of_checkpoint", "load_backbone"]
 
 # Order matters: a recorded layout before the key-pattern detections, the bare state dict last.
-FORMATS: tuple[WeightFormat, ...] = (LIGHTNING, BACKBONE_FILE, mmseg.FORMAT, official_repmlp.FORMAT, STATE_DICT)
+FORMATS: tuple[WeightFormat, ...] = (LIGHTNING, BACKBONE_FILE, mmseg.FORMAT, official_repmlp.FORMAT,
+                                     official_repvgg.FORMAT, official_mobileone.FORMAT, timm_byobnet.FORMAT, STATE_DICT)
+
+# the names the official repositories give their models → the registered names here
+OFFICIAL_ARCHS = {**official_repmlp.OFFICIAL_ARCHS, **official_repvgg.OFFICIAL_ARCHS, **official_mobileone.OFFICIAL_ARCHS}
 
 
 def _convert(state_dict: dict, meta: dict, path: str) -> Weights:
@@ -45,3 +51,35 @@ def weights_of_checkpoint(checkpoint: Mapping[str, Any], path: str) -> Weights:
     """:class:`~.formats.Weights` of a checkpoint dict Lightning has already read (``--ckpt_path``)."""
     meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}
     return _convert(dict(checkpoint["state_dict"]), meta, path)
+
+
+def load_backbone(path: PathLike, arch: str, **model_kwargs: Any) -> tuple[nn.Module, Weights]:
+    """``backbones.create(arch)`` with the weights of ``path`` loaded strictly, whatever accepted
+    layout the file is in (:data:`FORMATS`; an official name such as ``RepVGG-A0`` is accepted for
+    ``arch``); returns the model (train mode) and what the file held.
+
+    ``deploy`` defaults to the file's form and ``num_classes`` to the rows of its ``fc.weight``;
+    ``model_kwargs`` override either and pass other constructor arguments.
+
+    Raises:
+        KeyError: unknown ``arch``.
+        ValueError: the file is unreadable, holds a task's weights (use the task's
+            ``--model.weights``), or does not fit ``arch``: the message names the file, the arch,
+            the layout and the first keys that differ.
+    """
+    from ..models.registry import create
+
+    arch = OFFICIAL_ARCHS.get(arch, arch)
+    weights = read_weights(path)
+    if weights.scope == "task":
+        raise ValueError(f"{weights.path} holds a task's weights ({weights.describe()}), not a backbone's; "
+                         "give it to the task: --model.weights or --ckpt_path")
+    state_dict = weights.backbone_state_dict()
+    kwargs = dict(model_kwargs)
+    kwargs.setdefault("deploy", weights.deploy)
+    fc = state_dict.get("fc.weight")
+    kwargs.setdefault("num_classes", int(fc.shape[0]) if fc is not None else 0)
+    model = create(arch, **kwargs)
+    load_into(model, state_dict, weights.path, arch, checkpoint_arch=weights.arch,
+              hints=[f"the file was read as: {weights.format}"])
+    return model, weights

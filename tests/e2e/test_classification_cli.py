@@ -144,6 +144,20 @@ def test_fit_tests_on_each_runtime_pair_of_test_after_fit(small_root, tmp_path):
     assert [(r.spec.runtime, r.spec.precision) for r in load_runs(str(run))] == [("torch", "fp32"), ("torch", "int8")]
 
 
+def test_fit_fine_tunes_from_an_official_repvgg_file(small_root, tmp_path):
+    """``--model.weights`` takes a published layout as it is: an official RepVGG train-form file
+    (made from the official key/shape listing, tests/backbones/test_published_layouts.py) of the
+    tiny RepVGG's structure, with DDP's ``module.``."""
+    from published_layouts import official_repvgg
+
+    state = official_repvgg(depths=(1, 2, 2, 1), widths=(16, 32, 64, 128), stem=16, classes=10, seed=0)
+    torch.save({"module." + k: v.float() for k, v in state.items()}, tmp_path / "RepVGG-tiny-train.pth")
+    proc = _ok(_cli("fit", "--data.root", str(small_root), "--model.backbone", "repvgg_a0_tiny",
+                    "--model.backbone_kwargs", "{}", "--model.weights", str(tmp_path / "RepVGG-tiny-train.pth"), *QUICK,
+                    cwd=tmp_path, demo_root=tmp_path))
+    assert "train-time backbone weights (official RepVGG checkpoint (DingXiaoH/RepVGG)): loaded the whole task" in proc.stdout
+
+
 def test_a_bad_test_after_fit_pair_stops_before_training(small_root, tmp_path):
     proc = _cli("fit", "--data.root", str(small_root), *QUICK[:-2], "--test_after_fit", "[torch/fp32, torch/fp16]",
                 cwd=tmp_path, demo_root=tmp_path)

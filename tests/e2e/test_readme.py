@@ -216,19 +216,30 @@ def test_cityscapes_train_ids_command(demo_runs, tmp_path):
 
 
 def test_convert_and_official_commands(tmp_path):
-    """The checkpoint commands, on a train-time checkpoint and an official-layout one made here."""
+    """The checkpoint commands, on a train-time checkpoint and published-layout ones made here from
+    the official key/shape listings (tests/backbones/test_published_layouts.py, test_official.py)."""
     import backbones
     from test_official import make_official
+    from published_layouts import PUBLISHED_REPVGG, mobileone_size, official_mobileone, official_repvgg
 
     [convert] = _commands(RUN_PATTERNS["convert"])
-    [official] = _commands(RUN_PATTERNS["official"])
     arch = re.search(r"--arch (\S+)", convert).group(1)
     torch.save(backbones.create(arch).state_dict(), tmp_path / "train.ckpt")
-    torch.save(make_official(re.search(r"--arch (\S+)", official).group(1), deploy=False),
-               tmp_path / official.split()[-2])
     assert "max relative error" in _run(convert, tmp_path, tmp_path).stdout
-    _run(official, tmp_path, tmp_path)
-    assert (tmp_path / "deploy.safetensors").is_file() and (tmp_path / "ours.safetensors").is_file()
+    assert (tmp_path / "deploy.safetensors").is_file()
+    officials = _commands(RUN_PATTERNS["official"])
+    assert len(officials) == 3
+    for official in officials:
+        name, src, dst = re.search(r"--arch (\S+)", official).group(1), official.split()[-2], official.split()[-1]
+        if name in PUBLISHED_REPVGG:
+            state = official_repvgg(**PUBLISHED_REPVGG[name][1], classes=1000, seed=0)
+        elif name.startswith("mobileone"):
+            state = official_mobileone(**mobileone_size(name.split("_")[1]), classes=1000, seed=0)
+        else:
+            state = make_official(name, deploy=False)
+        torch.save(state, tmp_path / src)
+        assert "arch=" in _run(official, tmp_path, tmp_path).stdout
+        assert (tmp_path / dst).is_file()
 
 
 def test_every_inline_command_names_a_module_run_here():

@@ -17,7 +17,7 @@ test, and times those calls (``results.json``: ``runtime``, ``precision``, ``thr
 - ``onnxruntime int8``: that export, statically quantized (QDQ, per-channel weights) with the same
   kind of calibration inputs: the INT8 of an ONNX deployment.
 
-On this project's CPUs torch int8 runs 1.5–2× faster than onnxruntime int8 at batch 8 (README,
+On this project's CPUs torch int8 runs about 2× faster than onnxruntime int8 at batch 8 (README,
 Deploy on CPU: which INT8).
 """
 from __future__ import annotations

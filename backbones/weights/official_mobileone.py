@@ -22,13 +22,12 @@ The official variants ``s0`` ... ``s4`` are the registered ``mobileone_s0`` ... 
 """
 from __future__ import annotations
 
-from .renamed import RenamedLayout
+from .renamed import BN_KEYS as _BN, RenamedLayout
 
 __all__ = ["LAYOUT", "FORMAT", "OFFICIAL_ARCHS"]
 
 OFFICIAL_ARCHS = {f"mobileone-{v}": f"mobileone_{v}" for v in ("s0", "s1", "s2", "s3", "s4")}
 
-_BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
 LAYOUT = RenamedLayout(
     name="official MobileOne checkpoint (apple/ml-mobileone)",
     key=(rf"(stage0|stage[1-4]\.\d+)\.(rbr_conv\.\d+\.(conv\.weight|bn\.{_BN})|rbr_scale\.(conv\.weight|bn\.{_BN})"

@@ -22,14 +22,13 @@ RepVGGplus are other trees and are not read.
 """
 from __future__ import annotations
 
-from .renamed import RenamedLayout
+from .renamed import BN_KEYS as _BN, RenamedLayout
 
 __all__ = ["LAYOUT", "FORMAT", "OFFICIAL_ARCHS"]
 
 OFFICIAL_ARCHS = {f"RepVGG-{size}": f"repvgg_{size.lower()}"
                   for size in ("A0", "A1", "A2", "B0", "B1", "B1g2", "B1g4", "B2", "B2g4", "B3", "B3g4")}
 
-_BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
 LAYOUT = RenamedLayout(
     name="official RepVGG checkpoint (DingXiaoH/RepVGG)",
     key=(rf"(stage0|stage[1-4]\.\d+)\.(rbr_(dense|1x1)\.(conv\.weight|bn\.{_BN})|rbr_identity\.{_BN}"

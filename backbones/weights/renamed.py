@@ -18,7 +18,9 @@ from torch import Tensor
 from .formats import WeightFormat, Weights, inferred_deploy
 from .io import strip_prefix
 
-__all__ = ["RenamedLayout"]
+__all__ = ["RenamedLayout", "BN_KEYS"]
+
+BN_KEYS = r"(weight|bias|running_mean|running_var|num_batches_tracked)"  # a BatchNorm's entries, for key patterns
 
 Rule = tuple[str, str | Callable[[re.Match[str]], str]]
 

@@ -24,11 +24,10 @@ unpadded deploy convs; its ``reparameterize()`` pads them correctly, and so does
 """
 from __future__ import annotations
 
-from .renamed import RenamedLayout
+from .renamed import BN_KEYS as _BN, RenamedLayout
 
 __all__ = ["LAYOUT", "FORMAT"]
 
-_BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
 _CONV_BN = rf"(conv\.weight|bn\.{_BN})"
 LAYOUT = RenamedLayout(
     name="timm byobnet checkpoint (RepVGG / MobileOne)",

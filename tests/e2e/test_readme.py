@@ -219,6 +219,7 @@ def test_convert_and_official_commands(tmp_path):
     """The checkpoint commands, on a train-time checkpoint and published-layout ones made here from
     the official key/shape listings (tests/backbones/test_published_layouts.py, test_official.py)."""
     import backbones
+    sys.path.insert(0, str(REPO / "tests" / "backbones"))  # test_official's builder, when this file runs alone
     from test_official import make_official
     from published_layouts import PUBLISHED_REPVGG, mobileone_size, official_mobileone, official_repvgg
 

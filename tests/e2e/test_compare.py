@@ -88,3 +88,30 @@ def test_unclear_arguments_are_named(runs, tmp_path, monkeypatch, capsys):
     ):
         assert compare_main([*argv, "--out", str(tmp_path)]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_converted_published_model_sits_beside_the_tested_runs(runs):
+    """An official RepVGG file (made from the official key/shape listing, tests/published_layouts.py)
+    converted with ``backbones.official``, tested with ``--model.weights`` on the same data, and
+    compared with the runs above: one more row, measured like the others."""
+    import torch
+    from published_layouts import official_repvgg
+
+    state = official_repvgg(depths=(1, 2, 2, 1), widths=(16, 32, 64, 128), stem=16, classes=len(SHAPES), seed=0)
+    torch.save({k: v.float() for k, v in state.items()}, runs / "RepVGG-tiny-train.pth")
+    convert = subprocess.run([sys.executable, "-m", "backbones.official", "--arch", "repvgg_a0_tiny", "RepVGG-tiny-train.pth",
+                              "published.safetensors", "--overwrite"], cwd=runs, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert convert.returncode == 0 and "official RepVGG checkpoint (DingXiaoH/RepVGG)" in convert.stdout, convert.stderr
+    [root] = (runs / "data").iterdir()
+    assert_ok(run_task("classification", "test", "--data.root", str(root), "--model.backbone", "repvgg_a0_tiny",
+                       "--model.backbone_kwargs", "{}", "--model.weights", "published.safetensors",
+                       "--trainer.logger.init_args.name", "published", "--trainer.enable_progress_bar", "false",
+                       "--data.num_workers", "0", cwd=runs, demo_root=runs))
+    assert_ok(_compare("runs/resnet_tiny", "runs/published", "--baseline", "resnet_tiny", "--out", "cmp_published",
+                       "--iters", "2", cwd=runs))
+    rows = {r["model"]: r for r in csv.DictReader(open(runs / "cmp_published" / "comparison.csv"))}
+    assert set(rows) == {"resnet_tiny", "repvgg_a0_tiny"}
+    published = json.loads((runs / "runs" / "published" / "version_0" / "results.json").read_text())
+    assert float(rows["repvgg_a0_tiny"]["metric"]) == pytest.approx(published["metrics"]["test/top1"])
+    assert float(rows["repvgg_a0_tiny"]["throughput"]) > 0

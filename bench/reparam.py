@@ -899,8 +899,8 @@ def section_runtimes(names: list[str], args: argparse.Namespace, out: Report) ->
                 if has_pt2e:
                     progress(f"runtimes: {name}: torch int8: PT2E prepare, calibrate, convert, compile for batch {batch}")
                     int8 = quantize_pt2e(fp32, list(calibration.split(batch)), batch)
-                    fns = {k: fns[k] for k in fns if k.startswith("torch")} | {"torch int8": lambda: int8(x)} | \
-                        {k: fns[k] for k in fns if not k.startswith("torch")}
+                    fns["torch int8"] = lambda: int8(x)
+                    fns = {k: fns[k] for k in RUNTIME_ROWS if k in fns}  # rows in the table's order
                     quality["torch int8"] = accuracy(int8, 8)
                     notes.append(f"`{name}` batch {batch}: torch int8 compiled in {int8.compile_seconds:.0f} s")
                 progress(f"runtimes: {name}: timing at batch {batch}")

@@ -91,8 +91,9 @@ class MergedConvBlock(ReparamBlock):
 
     @property
     def fusable_act(self) -> bool:
-        """Whether the forward is ``act(conv(x))`` once converted (the CPU fusion pass relies on it)."""
-        return True
+        """Whether the forward is ``act(conv(x))`` once converted (the CPU fusion pass relies on it):
+        every other kept child is an identity."""
+        return all(isinstance(getattr(self, name), nn.Identity) for name in self.kept_modules if name != "act")
 
     def _build_deploy(self) -> None:
         kernel, bias = self.get_equivalent_kernel_bias()

@@ -43,10 +43,6 @@ class MobileOneBlock(MergedConvBlock):
         if in_channels == out_channels and stride == 1:
             self.skip_bn = nn.BatchNorm2d(in_channels)
 
-    @property
-    def fusable_act(self) -> bool:
-        return isinstance(self.se, nn.Identity)
-
     def forward(self, x: Tensor) -> Tensor:
         """``act(se(branches(x)))``; deploy ``act(se(reparam_conv(x)))``."""
         return self.act(self.se(self.reparam_conv(x) if self.deploy else self.forward_branches(x)))

@@ -18,12 +18,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from .io import BACKBONE_PREFIX, state_dict_mode, strip_prefix
+from ..models.registry import create
+from .io import BACKBONE_PREFIX, load_into, state_dict_mode, strip_prefix
 
 __all__ = ["Weights", "WeightFormat", "Scope", "LIGHTNING", "BACKBONE_FILE", "STATE_DICT", "BACKBONE_PREFIX",
-           "backbone_part", "inferred_deploy"]
+           "backbone_part", "inferred_deploy", "create_loaded"]
 
 Scope = Literal["task", "backbone"]
 
@@ -83,6 +84,22 @@ class WeightFormat:
     name: str
     detect: Callable[[Mapping[str, Tensor], Mapping[str, Any]], bool]
     read: Callable[[dict[str, Tensor], dict[str, Any], str], Weights]
+
+
+def create_loaded(weights: Weights, arch: str, **model_kwargs: Any) -> nn.Module:
+    """``backbones.create(arch)`` with the backbone tensors of ``weights`` loaded strictly; returns
+    the model (train mode). ``deploy`` defaults to the file's form and ``num_classes`` to the rows
+    of its ``fc.weight``; ``model_kwargs`` override either and pass other constructor arguments.
+    A file that does not fit is a ValueError naming the file, the arch, the layout it was read as
+    and the first keys that differ (:func:`.io.load_into`)."""
+    state_dict = weights.backbone_state_dict()
+    kwargs = dict(model_kwargs)
+    kwargs.setdefault("deploy", weights.deploy)
+    fc = state_dict.get("fc.weight")
+    kwargs.setdefault("num_classes", int(fc.shape[0]) if fc is not None else 0)
+    model = create(arch, **kwargs)
+    return load_into(model, state_dict, weights.path, arch, checkpoint_arch=weights.arch,
+                     hints=[f"the file was read as: {weights.format}"])
 
 
 def inferred_deploy(state_dict: Mapping[str, Tensor]) -> bool:

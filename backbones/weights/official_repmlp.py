@@ -35,11 +35,12 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from ..models.registry import create
-from .formats import WeightFormat, Weights, inferred_deploy
-from .io import listing, load_into, load_state_dict_file, strip_prefix
+from .formats import WeightFormat, Weights, create_loaded, inferred_deploy
+from .io import listing, load_state_dict_file, strip_prefix
 
 __all__ = ["OFFICIAL_ARCHS", "FORMAT", "convert_official_state_dict", "load_official"]
+
+FORMAT_NAME = "official RepMLP v1 checkpoint"
 
 # Official factory name → registered name here.
 OFFICIAL_ARCHS = {
@@ -114,11 +115,6 @@ def convert_official_state_dict(
     return converted
 
 
-def _num_classes(state_dict: Mapping[str, Tensor]) -> int:
-    weight = state_dict.get("fc.weight")
-    return int(weight.shape[0]) if weight is not None else 0
-
-
 def load_official(path: str | os.PathLike, arch: str, **model_kwargs: Any) -> nn.Module:
     """Build ``backbones.create(arch, ...)`` and load an official v1 checkpoint into it strictly.
 
@@ -126,7 +122,8 @@ def load_official(path: str | os.PathLike, arch: str, **model_kwargs: Any) -> nn
     the rows of ``linear.weight``; ``model_kwargs`` override either and pass other constructor
     arguments. The file may hold a bare state dict or ``{"state_dict": ...}``/``{"model": ...}``,
     with or without the DDP ``module.`` prefix. Returns the model in train mode (call ``.eval()``
-    for inference).
+    for inference). Unlike :func:`backbones.weights.load_backbone`, which takes every layout, it
+    refuses a file that is not an official RepMLP v1 checkpoint.
 
     Raises:
         FileNotFoundError / ValueError: unreadable file, non-official keys, or a checkpoint that does
@@ -136,13 +133,7 @@ def load_official(path: str | os.PathLike, arch: str, **model_kwargs: Any) -> nn
     source = os.fspath(path)
     arch = OFFICIAL_ARCHS.get(arch, arch)
     raw, _meta = load_state_dict_file(source)
-    state_dict = convert_official_state_dict(raw, arch, source)
-    kwargs = dict(model_kwargs)
-    kwargs.setdefault("deploy", inferred_deploy(state_dict))
-    kwargs.setdefault("num_classes", _num_classes(state_dict))
-    model = create(arch, **kwargs)
-    load_into(model, state_dict, source, arch)
-    return model
+    return create_loaded(_official_weights(raw, source, arch), arch, **model_kwargs)
 
 
 def _is_official(state_dict: Mapping[str, Tensor], meta: Mapping[str, Any]) -> bool:
@@ -150,10 +141,13 @@ def _is_official(state_dict: Mapping[str, Tensor], meta: Mapping[str, Any]) -> b
     return bool(keys) and all(_OFFICIAL_KEY.match(k) for k in keys)
 
 
+def _official_weights(state_dict: Mapping[str, Tensor], path: str, arch: Optional[str] = None) -> Weights:
+    converted = convert_official_state_dict(state_dict, arch, path)
+    return Weights(path=path, format=FORMAT_NAME, state_dict=converted, scope="backbone", deploy=inferred_deploy(converted))
+
+
 def _read_official(state_dict: dict[str, Tensor], meta: dict[str, Any], path: str) -> Weights:
-    converted = convert_official_state_dict(state_dict, source=path)
-    return Weights(path=path, format="official RepMLP v1 checkpoint", state_dict=converted, scope="backbone",
-                   deploy=inferred_deploy(converted))
+    return _official_weights(state_dict, path)
 
 
-FORMAT = WeightFormat("official RepMLP v1 checkpoint", _is_official, _read_official)
+FORMAT = WeightFormat(FORMAT_NAME, _is_official, _read_official)

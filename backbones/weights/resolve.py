@@ -14,8 +14,8 @@ from typing import Any
 from torch import nn
 
 from . import mmseg, official_mobileone, official_repmlp, official_repvgg, timm_byobnet
-from .formats import BACKBONE_FILE, LIGHTNING, STATE_DICT, Weights, WeightFormat
-from .io import PathLike, load_into, load_state_dict_file
+from .formats import BACKBONE_FILE, LIGHTNING, STATE_DICT, Weights, WeightFormat, create_loaded
+from .io import PathLike, load_state_dict_file
 
 __all__ = ["FORMATS", "OFFICIAL_ARCHS", "read_weights", "weights_of_checkpoint", "load_backbone"]
 
@@ -58,8 +58,7 @@ def load_backbone(path: PathLike, arch: str, **model_kwargs: Any) -> tuple[nn.Mo
     layout the file is in (:data:`FORMATS`; an official name such as ``RepVGG-A0`` is accepted for
     ``arch``); returns the model (train mode) and what the file held.
 
-    ``deploy`` defaults to the file's form and ``num_classes`` to the rows of its ``fc.weight``;
-    ``model_kwargs`` override either and pass other constructor arguments.
+    ``deploy``, ``num_classes`` and ``model_kwargs`` as for :func:`~.formats.create_loaded`.
 
     Raises:
         KeyError: unknown ``arch``.
@@ -67,19 +66,8 @@ def load_backbone(path: PathLike, arch: str, **model_kwargs: Any) -> tuple[nn.Mo
             ``--model.weights``), or does not fit ``arch``: the message names the file, the arch,
             the layout and the first keys that differ.
     """
-    from ..models.registry import create
-
-    arch = OFFICIAL_ARCHS.get(arch, arch)
     weights = read_weights(path)
     if weights.scope == "task":
         raise ValueError(f"{weights.path} holds a task's weights ({weights.describe()}), not a backbone's; "
                          "give it to the task: --model.weights or --ckpt_path")
-    state_dict = weights.backbone_state_dict()
-    kwargs = dict(model_kwargs)
-    kwargs.setdefault("deploy", weights.deploy)
-    fc = state_dict.get("fc.weight")
-    kwargs.setdefault("num_classes", int(fc.shape[0]) if fc is not None else 0)
-    model = create(arch, **kwargs)
-    load_into(model, state_dict, weights.path, arch, checkpoint_arch=weights.arch,
-              hints=[f"the file was read as: {weights.format}"])
-    return model, weights
+    return create_loaded(weights, OFFICIAL_ARCHS.get(arch, arch), **model_kwargs), weights

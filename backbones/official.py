@@ -40,7 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         extra = parse_model_kwargs(args.model_kwargs)
         arch = OFFICIAL_ARCHS.get(args.arch, args.arch)
         model, weights = load_backbone(args.src, arch, **extra)
-        kwargs = {k: v for k, v in extra.items() if k != "deploy"}
+        kwargs = {k: v for k, v in {**(weights.kwargs or {}), **extra}.items() if k != "deploy"}
         kwargs["num_classes"] = model.num_classes if hasattr(model, "num_classes") else extra.get("num_classes")
         save_checkpoint(model, args.dst, arch, kwargs)
     except CLI_ERRORS as exc:

@@ -271,8 +271,11 @@ class ReparamTask(pl.LightningModule):
         return sorted({k.split(".")[0] for k in self.state_dict()} - held)
 
     def _kwargs_hints(self, weights: Weights) -> list[str]:
-        if weights.kwargs is not None and weights.kwargs != _plain(self.backbone_args()):
-            return [f"the file's backbone arguments {weights.kwargs} differ from this run's {_plain(self.backbone_args())}"]
+        run = _plain(self.backbone_args())
+        differ = {k: v for k, v in (weights.kwargs or {}).items() if run.get(k) != v}
+        if differ:
+            return [f"the file's backbone arguments {differ} differ from this run's "
+                    f"{ {k: run.get(k) for k in differ} } (--model.backbone_kwargs)"]
         return []
 
     def mismatch_hints(self, state_dict: dict[str, Tensor]) -> list[str]:

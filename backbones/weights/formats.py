@@ -90,10 +90,12 @@ def create_loaded(weights: Weights, arch: str, **model_kwargs: Any) -> nn.Module
     """``backbones.create(arch)`` with the backbone tensors of ``weights`` loaded strictly; returns
     the model (train mode). ``deploy`` defaults to the file's form and ``num_classes`` to the rows
     of its ``fc.weight``; ``model_kwargs`` override either and pass other constructor arguments.
+    The constructor arguments the file records (``weights.kwargs``: a backbone file's, or those a
+    layout's files need, such as ``conv_type="dbb"``) are the defaults under ``model_kwargs``.
     A file that does not fit is a ValueError naming the file, the arch, the layout it was read as
     and the first keys that differ (:func:`.io.load_into`)."""
     state_dict = weights.backbone_state_dict()
-    kwargs = dict(model_kwargs)
+    kwargs = {**(weights.kwargs or {}), **model_kwargs}
     kwargs.setdefault("deploy", weights.deploy)
     fc = state_dict.get("fc.weight")
     kwargs.setdefault("num_classes", int(fc.shape[0]) if fc is not None else 0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from torch import Tensor
 
@@ -35,12 +35,15 @@ class RenamedLayout:
         rules: ordered ``(pattern, replacement)`` renames applied to every key (``re.sub``).
         signature: regular expression that at least one key matches (what tells the layout apart
             from others whose keys ``key`` also matches; empty: none needed).
+        model_kwargs: constructor arguments every file of the layout needs (``conv_type="dbb"`` for
+            a DBB ResNet): :attr:`Weights.kwargs`, the defaults of :func:`~.formats.create_loaded`.
     """
 
     name: str
     key: str
     rules: Sequence[Rule]
     signature: str = ""
+    model_kwargs: Optional[Mapping[str, Any]] = None
 
     def matches(self, state_dict: Mapping[str, Tensor]) -> bool:
         """Whether the file is in this layout: most of its keys (after ``module.``) are, so that a
@@ -72,7 +75,8 @@ class RenamedLayout:
     def read(self, state_dict: dict[str, Tensor], meta: dict[str, Any], path: str) -> Weights:
         converted = self.convert(state_dict, path)
         return Weights(path=path, format=self.name, state_dict=converted, scope="backbone",
-                       deploy=inferred_deploy(converted))
+                       deploy=inferred_deploy(converted),
+                       kwargs=dict(self.model_kwargs) if self.model_kwargs is not None else None)
 
     @property
     def format(self) -> WeightFormat:

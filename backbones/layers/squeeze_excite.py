@@ -1,4 +1,5 @@
-"""Squeeze-and-Excitation (Hu et al., CVPR 2018) as MobileOne-S4 and RepVGG-D2se use it."""
+"""Squeeze-and-Excitation (Hu et al., CVPR 2018) as MobileOne-S4 and RepVGG-D2se use it, and RepMLPNet's
+Global Perceptron."""
 from __future__ import annotations
 
 import torch
@@ -20,6 +21,10 @@ class SqueezeExcite(nn.Module):
         self.reduce = nn.Conv2d(channels, rd_channels, 1, bias=True)
         self.expand = nn.Conv2d(rd_channels, channels, 1, bias=True)
 
+    def gate(self, x: Tensor) -> Tensor:
+        """The per-channel weights ``(N, C, 1, 1)`` in (0, 1) that :meth:`forward` multiplies by
+        (RepMLPNet's Global Perceptron multiplies another branch's output by them)."""
+        return torch.sigmoid(self.expand(F.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
+
     def forward(self, x: Tensor) -> Tensor:
-        scale = self.expand(F.relu(self.reduce(x.mean((2, 3), keepdim=True))))
-        return x * torch.sigmoid(scale)
+        return x * self.gate(x)

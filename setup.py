@@ -38,6 +38,8 @@ setup(
         "onnx": ["onnx>=1.23", "onnxruntime>=1.32", "onnxscript>=0.7"],
         # backbones.deploy.pt2e: torch INT8 (PT2E quantizers); torchao releases follow torch's
         "int8": ["torchao>=0.18"],
+        # backbones.weights.io reads HDF5 weight files (the official ACNet code saves its weights so)
+        "hdf5": ["h5py>=3.16"],
         # mmcv (needed by mmsegmentation) must be installed first: see README.
         "mmseg": ["mmsegmentation==1.2.2", "ftfy", "regex"],
     },

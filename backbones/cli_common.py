@@ -9,8 +9,9 @@ from typing import Any
 
 __all__ = ["CLI_ERRORS", "check_destination", "parse_model_kwargs", "report_cli_error"]
 
-# What the checkpoint command lines turn into "error: ..." and exit status 1 instead of a traceback.
-CLI_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, ValueError, KeyError, TypeError)
+# What the checkpoint command lines turn into "error: ..." and exit status 1 instead of a traceback
+# (ImportError: an optional extra a file needs, e.g. h5py for HDF5 weights, named with its install line).
+CLI_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, ValueError, KeyError, TypeError, ImportError)
 
 
 def check_destination(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool) -> None:

@@ -1,5 +1,6 @@
 """Convert a published checkpoint of the family to this project's layout: official RepMLP v1
-(RepMLP-ResNet), official RepVGG and MobileOne, and timm's RepVGG/MobileOne (byobnet).
+(RepMLP-ResNet), RepVGG, MobileOne, RepLKNet, and the ACNet, DBB and OREPA ResNets, and timm's
+RepVGG/MobileOne (byobnet).
 
 Command line::
 
@@ -26,11 +27,11 @@ __all__ = ["main"]
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m backbones.official",
-        description="Convert a published checkpoint (official RepMLP v1, RepVGG, MobileOne; timm's RepVGG and "
-                    "MobileOne) to this project's layout.",
+        description="Convert a published checkpoint (official RepMLP v1, RepVGG, MobileOne, RepLKNet, ACNet, DBB and "
+                    "OREPA ResNets; timm's RepVGG and MobileOne) to this project's layout.",
     )
     parser.add_argument("--arch", required=True, help="registered model name (repvgg_a0) or official one (RepVGG-A0)")
-    parser.add_argument("src", help="published checkpoint (.pth/.pth.tar/.pt/.safetensors)")
+    parser.add_argument("src", help="published checkpoint (.pth/.pth.tar/.pt/.safetensors/.hdf5)")
     parser.add_argument("dst", help="output file; .safetensors or torch format by extension")
     parser.add_argument("--model-kwargs", default="{}", help="JSON object of extra constructor arguments")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..reparam.math import fuse_bn, identity_kernel, merge_1x1_kxk, merge_depthwise_pointwise, pad_kernel
+from ..reparam.math import fuse_bn, identity_kernel, merge_1x1_kxk, merge_depthwise_pointwise, pad_kernel, scaled_sum
 from .geometry import ConvGeometry
 from .merged_conv import MergedConvBlock
 
@@ -104,7 +104,7 @@ class OREPA(MergedConvBlock):
 
     def weight_gen(self) -> Tensor:
         """The composed kernel ``(O, C/g, K, K)``: branch kernels scaled per output channel, summed."""
-        return sum(kernel * scale.reshape(-1, 1, 1, 1) for kernel, scale in zip(self.branch_kernels(), self.vector))
+        return scaled_sum(self.branch_kernels(), self.vector)
 
     def forward_branches(self, x: Tensor) -> Tensor:
         return self.bn(self.conv(x, self.weight_gen()))

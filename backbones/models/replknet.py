@@ -14,47 +14,14 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Optional
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers.classifier import PooledClassifier
 from ..layers.convbn import ConvBN
-from ..layers.drop_path import DropPath
 from ..layers.geometry import ConvGeometry
 from ..layers.large_kernel import ReparamLargeKernelConv
-from ..reparam.block import ReparamBlock, assign_parameter
-from ..reparam.math import bn_scale_shift, fuse_bn_before_linear
-from ..reparam.walker import convert_children
+from ..layers.prenorm import ConvFFN, NormPoolHead, PreBNResidual
 from .registry import ModelCfg, register_model
-
-
-class PreBNResidual(ReparamBlock):
-    """``x + drop_path(body(pre_bn(x)))`` where ``body`` starts with the 1x1 ConvBN ``pw1``.
-
-    Deploy: the pre-BN is folded into ``pw1`` (a BN before a padding-free 1x1 conv is exact).
-    """
-
-    def __init__(self, channels: int, drop_path: float, deploy: bool) -> None:
-        super().__init__()
-        self.deploy = deploy
-        if not deploy:
-            self.pre_bn = nn.BatchNorm2d(channels)
-        self.drop_path = DropPath(drop_path)
-
-    def body(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.drop_path(self.body(x if self.deploy else self.pre_bn(x)))
-
-    def _build_deploy(self) -> None:
-        convert_children(self)
-        conv = self.pw1.conv
-        weight, bias = fuse_bn_before_linear(conv.weight.flatten(1), conv.bias, self.pre_bn)
-        assign_parameter(conv, "weight", weight.reshape_as(conv.weight))
-        assign_parameter(conv, "bias", bias)
-        del self.pre_bn
 
 
 class RepLKBlock(PreBNResidual):
@@ -76,19 +43,6 @@ class RepLKBlock(PreBNResidual):
         return self.pw2(self.large_kernel(self.pw1(x)))
 
 
-class ConvFFN(PreBNResidual):
-    """pre-BN → 1x1 ConvBN → GELU → 1x1 ConvBN, plus the input: ``(N, C, H, W)`` → ``(N, C, H, W)``."""
-
-    def __init__(self, channels: int, hidden: int, drop_path: float = 0.0, deploy: bool = False) -> None:
-        super().__init__(channels, drop_path, deploy)
-        self.pw1 = ConvBN(channels, hidden, 1, deploy=deploy)
-        self.act = nn.GELU()
-        self.pw2 = ConvBN(hidden, channels, 1, deploy=deploy)
-
-    def body(self, x: Tensor) -> Tensor:
-        return self.pw2(self.act(self.pw1(x)))
-
-
 class RepLKNet(PooledClassifier):
     """RepLKNet: a 4-conv stem (stride 4), then four stages of (RepLKBlock, ConvFFN) pairs joined by
     stride-2 transitions, and ``head``: a final BN, average pooling and the classifier.
@@ -103,7 +57,8 @@ class RepLKNet(PooledClassifier):
         small_kernel: the parallel small kernel (None: none).
         dw_ratio: depthwise width of a RepLKBlock relative to the stage width.
         ffn_ratio: hidden width of a ConvFFN relative to the stage width.
-        drop_path_rate: stochastic depth, rising linearly to this value over the blocks.
+        drop_path_rate: stochastic depth, rising linearly to this value over the (RepLKBlock, ConvFFN)
+            pairs (both blocks of a pair share a rate).
         num_classes, in_chans, img_size, deploy: as for every registered model.
     """
 
@@ -132,13 +87,16 @@ class RepLKNet(PooledClassifier):
             ConvBN(c0, c0, 1, act=True, deploy=deploy),
             ConvBN(c0, c0, 3, 2, groups=c0, act=True, deploy=deploy),
         )
-        count = 2 * sum(layers)  # python floats, not torch.linspace: models are also built on the meta device
+        # one rate per (RepLKBlock, ConvFFN) pair, shared by both blocks and rising linearly from 0, as the
+        # official torch.linspace(0, drop_path_rate, sum(layers)); python floats: models are also built on meta
+        count = sum(layers)
         rates = [drop_path_rate * i / max(count - 1, 1) for i in range(count)]
         for i, (k, n, c) in enumerate(zip(kernels, layers, channels)):
             blocks: list[nn.Module] = []
             for _ in range(n):
-                blocks.append(RepLKBlock(c, int(c * dw_ratio), k, small_kernel, rates.pop(0), deploy))
-                blocks.append(ConvFFN(c, int(c * ffn_ratio), rates.pop(0), deploy))
+                rate = rates.pop(0)
+                blocks.append(RepLKBlock(c, int(c * dw_ratio), k, small_kernel, rate, deploy))
+                blocks.append(ConvFFN(c, int(c * ffn_ratio), rate, deploy))
             self.add_module(f"stage{i + 1}", nn.Sequential(*blocks))
             if i < 3:
                 nxt = channels[i + 1]
@@ -161,49 +119,34 @@ class RepLKNet(PooledClassifier):
         return self.head(features, pre_logits)
 
 
-class NormPoolHead(ReparamBlock):
-    """BN → global average pool → ``fc``: ``(N, C, H, W)`` → ``(N, num_classes)``, or the pooled,
-    normalized ``(N, C)`` when headless or ``pre_logits``.
-
-    Deploy: in eval mode the BN is a per-channel affine map, which commutes with average pooling,
-    so it becomes ``scale``/``shift`` on the pooled ``(N, C)`` vector (no BN left, and ``pre_logits``
-    features stay equal). A child module, not the backbone's own code, so that walkers that visit
-    children only (timm's ``reparameterize_model``) convert it too.
-    """
-
-    def __init__(self, channels: int, num_classes: int, deploy: bool = False) -> None:
-        super().__init__()
-        self.deploy = deploy
-        if deploy:
-            self.scale = nn.Parameter(torch.ones(channels))
-            self.shift = nn.Parameter(torch.zeros(channels))
-        else:
-            self.norm = nn.BatchNorm2d(channels)
-        self.fc = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
-
-    def _build_deploy(self) -> None:
-        scale, shift = bn_scale_shift(self.norm)
-        assign_parameter(self, "scale", scale)
-        assign_parameter(self, "shift", shift)
-        del self.norm
-
-    def forward(self, features: Tensor, pre_logits: bool = False) -> Tensor:
-        if self.deploy:
-            pooled = F.adaptive_avg_pool2d(features, 1).flatten(1) * self.scale + self.shift
-        else:
-            pooled = F.adaptive_avg_pool2d(self.norm(features), 1).flatten(1)
-        return pooled if pre_logits else self.fc(pooled)
-
-
 _31B_CFG = ModelCfg(input_size=(224, 224), fixed_size=False, num_features=1024,
                     feature_channels=(128, 256, 512, 1024), feature_strides=(4, 8, 16, 32))
 _31B_TINY_CFG = replace(_31B_CFG, input_size=(64, 64), num_features=128, feature_channels=(16, 32, 64, 128))
+# the published 31L is the ImageNet-22K model fine-tuned at 384; XL is pretrained on MegData-73M and fine-tuned
+# at 320 with mean = std = 0.5 per channel (timm's IMAGENET_INCEPTION_MEAN/STD), as the official README says
+_31L_CFG = replace(_31B_CFG, input_size=(384, 384), num_features=1536, feature_channels=(192, 384, 768, 1536))
+_XL_CFG = replace(_31B_CFG, input_size=(320, 320), num_features=2048, feature_channels=(256, 512, 1024, 2048),
+                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
 @register_model(cfg=_31B_CFG)
 def replknet_31b(**kwargs: Any) -> RepLKNet:
     """RepLKNet-31B: kernels 31/29/27/13 with a parallel 5x5; 83.5% ImageNet top-1 at 224, 79M parameters."""
     return RepLKNet(**kwargs)
+
+
+@register_model(cfg=_31L_CFG)
+def replknet_31l(**kwargs: Any) -> RepLKNet:
+    """RepLKNet-31L: 31B's kernels, 1.5x its widths; 86.6% ImageNet top-1 at 384 (ImageNet-22K pretrained), 172M parameters."""
+    return RepLKNet(**{"channels": (192, 384, 768, 1536), "img_size": 384, **kwargs})
+
+
+@register_model(cfg=_XL_CFG)
+def replknet_xl(**kwargs: Any) -> RepLKNet:
+    """RepLKNet-XL: kernels 27/27/27/13 without a small kernel, depthwise 1.5x wide; 87.8% ImageNet top-1 at
+    320 (MegData-73M pretrained; inputs normalized with mean = std = 0.5), 335M parameters."""
+    return RepLKNet(**{"kernels": (27, 27, 27, 13), "channels": (256, 512, 1024, 2048), "small_kernel": None,
+                       "dw_ratio": 1.5, "img_size": 320, **kwargs})
 
 
 @register_model(cfg=_31B_TINY_CFG)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,12 +25,12 @@ from ..layers.classifier import PooledClassifier
 from ..layers.convbn import ConvBN
 from ..layers.drop_path import DropPath
 from ..layers.helpers import to_pair
+from ..layers.prenorm import ConvFFN, NormPoolHead
 from ..layers.repmlpnet import RepMLPNetBlock
 from ..reparam.block import ReparamBlock, assign_parameter
 from ..reparam.math import bn_scale_shift
 from ..reparam.walker import convert_children
 from .registry import ModelCfg, register_model
-from .replknet import ConvFFN, NormPoolHead
 
 Size = tuple[int, int]
 

@@ -11,6 +11,8 @@ grouped 1x1 conv (or batched matmul) acting on a flattened ``(C, h, w)`` partiti
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -19,6 +21,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = [
+    "BNStats",
     "bn_scale_shift",
     "fuse_bn",
     "fuse_bn_before_linear",
@@ -28,13 +31,38 @@ __all__ = [
     "avg_kernel",
     "merge_1x1_kxk",
     "merge_depthwise_pointwise",
+    "scaled_sum",
+    "chain_kernels",
     "conv_to_fc",
     "conv_bias_to_fc",
 ]
 
 
 # --------------------------------------------------------------------------- BN fusion
-def bn_scale_shift(bn: _BatchNorm) -> tuple[Tensor, Tensor]:
+@dataclass(frozen=True)
+class BNStats:
+    """A BatchNorm's eval-mode tensors without the module: what a checkpoint holds under ``bn.*``.
+
+    Accepted wherever the functions below take a BN, so that a foreign file's BNs fold from its
+    tensors (and on the meta device) without building modules. Shapes ``(C,)``; ``weight`` and
+    ``bias`` None for ``affine=False``.
+    """
+
+    running_mean: Tensor
+    running_var: Tensor
+    weight: Optional[Tensor] = None
+    bias: Optional[Tensor] = None
+    eps: float = 1e-5
+
+    @classmethod
+    def of(cls, state_dict: Mapping[str, Tensor], prefix: str, eps: float = 1e-5) -> "BNStats":
+        """The BN saved under ``prefix`` (``"stem.0.bn."``) in ``state_dict``; ``eps`` is not saved
+        in a state dict (PyTorch's default 1e-5)."""
+        return cls(state_dict[prefix + "running_mean"], state_dict[prefix + "running_var"],
+                   state_dict.get(prefix + "weight"), state_dict.get(prefix + "bias"), eps)
+
+
+def bn_scale_shift(bn: _BatchNorm | BNStats) -> tuple[Tensor, Tensor]:
     """Per-channel ``(scale, shift)`` such that ``bn(x) == x * scale + shift`` in eval mode.
 
     Works for any eps and for ``affine=False``. Shapes: ``(C,)`` each.
@@ -61,7 +89,7 @@ def _per_row(vector: Tensor, rows: int, what: str) -> Tensor:
     return vector.repeat_interleave(rows // vector.numel())
 
 
-def fuse_bn(weight: Tensor, bias: Optional[Tensor], bn: _BatchNorm) -> tuple[Tensor, Tensor]:
+def fuse_bn(weight: Tensor, bias: Optional[Tensor], bn: _BatchNorm | BNStats) -> tuple[Tensor, Tensor]:
     """Fold a BN that *follows* a conv/linear into its weight and bias.
 
     ``weight``: ``(O, ...)``; ``bias``: ``(O,)`` or None. The BN may have ``O`` channels or a
@@ -77,7 +105,7 @@ def fuse_bn(weight: Tensor, bias: Optional[Tensor], bn: _BatchNorm) -> tuple[Ten
     return fused_w, fused_b
 
 
-def fuse_bn_before_linear(weight: Tensor, bias: Optional[Tensor], bn: _BatchNorm) -> tuple[Tensor, Tensor]:
+def fuse_bn_before_linear(weight: Tensor, bias: Optional[Tensor], bn: _BatchNorm | BNStats) -> tuple[Tensor, Tensor]:
     """Fold a BN that *precedes* a linear layer into that layer.
 
     ``weight``: ``(O, I)`` where the linear's input is the BN output flattened channel-major, so
@@ -191,6 +219,42 @@ def merge_depthwise_pointwise(dw: Tensor, pw: Tensor, in_channels: int, groups: 
     pwg = pw.reshape(groups, o // groups, cg, t)
     dwg = dw.reshape(groups, cg, t, *dw.shape[-2:])
     return torch.einsum("gocj,gcjhw->gochw", pwg, dwg).reshape(o, cg, *dw.shape[-2:])
+
+
+def scaled_sum(kernels: Sequence[Tensor], scales: Tensor) -> Tensor:
+    """``sum_b kernels[b] * scales[b]`` with one scale per output row: OREPA's linear branch scaling
+    (its ``vector``, a BN replaced by a per-channel factor).
+
+    ``kernels``: ``B`` tensors ``(O, ...)`` of one shape; ``scales``: ``(B, O)``. Returns ``(O, ...)``.
+    """
+    if scales.dim() != 2 or scales.shape[0] != len(kernels):
+        raise ValueError(f"scaled_sum: scales {tuple(scales.shape)} must be (number of kernels = {len(kernels)}, O)")
+    total = None
+    for kernel, scale in zip(kernels, scales):
+        term = kernel * scale.reshape(-1, *([1] * (kernel.dim() - 1)))
+        total = term if total is None else total + term
+    return total
+
+
+def chain_kernels(kernels: Sequence[Tensor]) -> Tensor:
+    """One ``(O, C, K, K)`` kernel from dense kernels ``(C1, C, k1, k1), (C2, C1, k2, k2), ...``,
+    ``K = k1 + k2 + ... - (n - 1)``: OREPA's large-kernel composition (``OREPA_LargeConv.weight_gen``).
+
+    Each next kernel slides over the running one (cross-correlation, padded ``k_i - 1``), as the
+    official code composes them with ``F.conv2d``. That is the kernel of stacked unpadded convs
+    whose kernels after the first are flipped 180 degrees, not of the given stack (stacking
+    convolves kernels, OREPA issue #9): a parameterization of one KxK conv, which its checkpoints
+    hold. ``groups`` 1 only (the ResNet stem's).
+    """
+    if not kernels:
+        raise ValueError("chain_kernels needs at least one kernel")
+    kernel = kernels[0].transpose(0, 1)  # (C, C1, k, k): the input channels as a batch
+    for nxt in kernels[1:]:
+        if nxt.dim() != 4 or nxt.shape[1] != kernel.shape[1]:
+            raise ValueError(f"chain_kernels: a kernel {tuple(nxt.shape)} does not take the "
+                             f"{kernel.shape[1]} channels of the one before")
+        kernel = F.conv2d(kernel, nxt, padding=nxt.shape[-1] - 1)
+    return kernel.transpose(0, 1)
 
 
 def conv_to_fc(kernel: Tensor, h: int, w: int, groups: int = 1) -> Tensor:

@@ -89,7 +89,7 @@ class WeightFormat:
 def create_loaded(weights: Weights, arch: str, **model_kwargs: Any) -> nn.Module:
     """``backbones.create(arch)`` with the backbone tensors of ``weights`` loaded strictly; returns
     the model (train mode). ``deploy`` defaults to the file's form and ``num_classes`` to the rows
-    of its ``fc.weight``; ``model_kwargs`` override either and pass other constructor arguments.
+    of its ``fc.weight`` (or ``head.fc.weight``); ``model_kwargs`` override either and pass other constructor arguments.
     The constructor arguments the file records (``weights.kwargs``: a backbone file's, or those a
     layout's files need, such as ``conv_type="dbb"``) are the defaults under ``model_kwargs``.
     A file that does not fit is a ValueError naming the file, the arch, the layout it was read as
@@ -97,11 +97,15 @@ def create_loaded(weights: Weights, arch: str, **model_kwargs: Any) -> nn.Module
     state_dict = weights.backbone_state_dict()
     kwargs = {**(weights.kwargs or {}), **model_kwargs}
     kwargs.setdefault("deploy", weights.deploy)
-    fc = state_dict.get("fc.weight")
+    fc = state_dict.get("fc.weight", state_dict.get("head.fc.weight"))  # the ResNets' classifier, or a head's
     kwargs.setdefault("num_classes", int(fc.shape[0]) if fc is not None else 0)
     model = create(arch, **kwargs)
-    return load_into(model, state_dict, weights.path, arch, checkpoint_arch=weights.arch,
-                     hints=[f"the file was read as: {weights.format}"])
+    hints = [f"the file was read as: {weights.format}"]
+    differ = {k: v for k, v in (weights.kwargs or {}).items() if k in model_kwargs and model_kwargs[k] != v}
+    if differ:  # e.g. conv_type="orepa" asked of a DBB file
+        hints.append(f"the file's model arguments {differ} differ from those asked for "
+                     f"{ {k: model_kwargs[k] for k in differ} }")
+    return load_into(model, state_dict, weights.path, arch, checkpoint_arch=weights.arch, hints=hints)
 
 
 def inferred_deploy(state_dict: Mapping[str, Tensor]) -> bool:
@@ -142,7 +146,9 @@ LIGHTNING = WeightFormat("Lightning task checkpoint", _is_lightning, _read_light
 
 # --------------------------------------------------------------------------- backbone files
 def _is_backbone_file(state_dict: Mapping[str, Tensor], meta: Mapping[str, Any]) -> bool:
-    return isinstance(meta.get("arch"), str)
+    # save_checkpoint records the form too; an "arch" alone is what PyTorch's ImageNet example
+    # (and the official DBB and OREPA train.py built on it) saves next to a foreign state dict
+    return isinstance(meta.get("arch"), str) and isinstance(meta.get("deploy"), bool)
 
 
 def _read_backbone_file(state_dict: dict[str, Tensor], meta: dict[str, Any], path: str) -> Weights:

@@ -1,8 +1,9 @@
 """Reading and writing model checkpoints safely.
 
-- :func:`load_state_dict_file` reads ``.safetensors`` files or torch files, the latter always
-  with ``weights_only=True`` (no arbitrary code runs while unpickling), and unwraps the usual
-  containers (a bare state dict, Lightning's ``{"state_dict": ...}``, ``{"model": ...}``).
+- :func:`load_state_dict_file` reads ``.safetensors`` files, HDF5 files (one dataset per key, as
+  the official ACNet code writes them; needs h5py, the ``hdf5`` extra) or torch files, the latter
+  always with ``weights_only=True`` (no arbitrary code runs while unpickling), and unwraps the
+  usual containers (a bare state dict, Lightning's ``{"state_dict": ...}``, ``{"model": ...}``).
 - :func:`strip_prefix` removes the DDP ``module.`` prefix and, on request, a task prefix
   (``backbone.``, ``model.``) shared by every key.
 - :func:`load_into` loads strictly and, on failure, explains what differs: the file, the arch,
@@ -12,6 +13,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import glob
 import json
@@ -29,6 +31,8 @@ __all__ = [
     "TASK_PREFIXES",
     "load_state_dict_file",
     "is_safetensors_file",
+    "is_hdf5_file",
+    "HDF5_INSTALL_HINT",
     "read_torch_file",
     "atomic_write",
     "atomic_write_json",
@@ -54,6 +58,13 @@ TASK_PREFIXES = (BACKBONE_PREFIX, "model.")
 _CONTAINER_KEYS = ("state_dict", "model")
 _MAX_LISTED = 5
 
+HDF5_INSTALL_HINT = 'pip install -e ".[hdf5]"'
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_HDF5_SUFFIXES = (".hdf5", ".h5", ".hdf")
+# Entries of an HDF5 weight file that describe the network rather than hold its tensors: the
+# official ACNet engine (utils/engine.py: save_hdf5) adds its config's layer widths as ``deps``.
+_HDF5_META_KEYS = frozenset({"deps"})
+
 
 # --------------------------------------------------------------------------- reading
 def is_safetensors_file(path: str) -> bool:
@@ -67,6 +78,64 @@ def is_safetensors_file(path: str) -> bool:
         return False
     header_len = int.from_bytes(head[:8], "little")
     return head[8:9] == b"{" and 0 < header_len < os.path.getsize(path)
+
+
+def is_hdf5_file(path: str) -> bool:
+    """True if ``path`` starts with the HDF5 signature (``\\x89HDF\\r\\n\\x1a\\n``)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE
+    except OSError:
+        return False
+
+
+def _hdf5_meta_value(value: Any) -> Any:
+    """A non-tensor HDF5 entry as a plain value: arrays as (nested) lists, bytes as text."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, list):
+        return [_hdf5_meta_value(v) for v in value]
+    return value
+
+
+def _read_hdf5(path: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """An HDF5 weight file as ``(state_dict, meta)``: each numeric dataset is a tensor under its
+    name (``+`` read back as ``/``, as the official ACNet ``read_hdf5`` does), ``deps`` and
+    non-numeric datasets go to ``meta`` as lists. Reading runs no code from the file."""
+    import numpy as np
+
+    try:
+        import h5py
+    except ImportError as exc:
+        raise ImportError(f"{path} is an HDF5 file; reading it needs h5py (the hdf5 extra): "
+                          f"{HDF5_INSTALL_HINT}") from exc
+    arrays: dict[str, Any] = {}
+    groups: list[str] = []
+    try:
+        with h5py.File(path, "r") as f:
+            for name, item in f.items():
+                if isinstance(item, h5py.Dataset):
+                    arrays[name.replace("+", "/")] = np.asarray(item[()])
+                else:
+                    groups.append(name)
+    except Exception as exc:  # h5py raises OSError, KeyError, RuntimeError... for damaged files
+        summary = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"not a readable checkpoint: {path} (HDF5: {summary}); the file is truncated, corrupt "
+                         "or not an HDF5 file") from exc
+    if groups:
+        raise ValueError(f"not a readable checkpoint: {path} holds HDF5 groups ({listing(groups)}); weight files "
+                         "are read in the flat layout the official ACNet code writes (one dataset per key)")
+    state_dict: dict[str, Tensor] = {}
+    meta: dict[str, Any] = {}
+    for name, array in arrays.items():
+        if name in _HDF5_META_KEYS or array.dtype.kind not in "biufc":
+            meta[name] = _hdf5_meta_value(array.tolist())
+        else:  # torch takes native byte order only; a 0-d dataset (a BN's counter) stays 0-d
+            state_dict[name] = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=False))
+    if not state_dict:
+        raise ValueError(f"not a readable checkpoint: {path} contains no tensors "
+                         f"(HDF5 datasets: {listing(list(arrays)) or 'none'})")
+    return state_dict, meta
 
 
 def _json_like(value: Any) -> bool:
@@ -104,13 +173,19 @@ def _read_safetensors(path: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return state_dict, _decode_safetensors_metadata(metadata)
 
 
+# Classes the official training scripts pickle beside the weights that weights_only may rebuild: an
+# argparse.Namespace holds only attributes (RepLKNet's and DeiT-style ``utils.save_model`` store ``args``).
+SAFE_GLOBALS = [argparse.Namespace]
+
+
 def read_torch_file(path: str, map_location: Any = "cpu", weights_only: bool = True, mmap: bool = False) -> Any:
     """``torch.load`` whose failures say what is wrong with the file: truncated or corrupt, or
     holding objects that ``weights_only=True`` refuses (named). Raises ``ValueError``.
     ``mmap``: map the tensors instead of reading them (for a look at the other entries)."""
     try:
         mmap = mmap and zipfile.is_zipfile(path)  # torch maps only its zip format, not the legacy one
-        return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
     except Exception as exc:  # truncated zip, bad pickle, refused global, ...
         text = str(exc).strip()
         if "Weights only load failed" in text:
@@ -161,16 +236,19 @@ def load_state_dict_file(path: PathLike) -> tuple[dict[str, Tensor], dict[str, A
     """Read a checkpoint file and return ``(state_dict, meta)``.
 
     ``.safetensors`` files (recognized by extension or content) are read with safetensors; their
-    string metadata becomes ``meta`` (``model_kwargs`` JSON-decoded, ``deploy`` as a bool). Other
-    files are read with ``torch.load(..., map_location="cpu", weights_only=True)`` and may hold a
-    bare state dict or one nested under ``"state_dict"`` (Lightning) or ``"model"``; the other
-    top-level entries with plain values (``arch``, ``model_kwargs``, ``deploy``, ``epoch``...)
-    become ``meta``.
+    string metadata becomes ``meta`` (``model_kwargs`` JSON-decoded, ``deploy`` as a bool).
+    HDF5 files (``.hdf5``/``.h5``/``.hdf`` or the HDF5 signature) are read with h5py: one tensor
+    per dataset, ``deps`` and other non-numeric entries in ``meta``. Other files are read with
+    ``torch.load(..., map_location="cpu", weights_only=True)`` and may hold a bare state dict or
+    one nested under ``"state_dict"`` (Lightning) or ``"model"``; the other top-level entries
+    with plain values (``arch``, ``model_kwargs``, ``deploy``, ``epoch``...) become ``meta``.
 
     Raises:
         FileNotFoundError: no file at ``path``.
         ValueError: the file is unreadable (truncated, corrupt, refused by ``weights_only``) or
             holds no state dict; the message names the path.
+        ImportError: an HDF5 file without h5py installed (the message names the file and
+            :data:`HDF5_INSTALL_HINT`).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -182,6 +260,8 @@ def load_state_dict_file(path: PathLike) -> tuple[dict[str, Tensor], dict[str, A
         if not state_dict:
             raise ValueError(f"not a readable checkpoint: {path} contains no tensors")
         return state_dict, meta
+    if path.lower().endswith(_HDF5_SUFFIXES) or is_hdf5_file(path):
+        return _read_hdf5(path)
     return _unwrap(read_torch_file(path), path)
 
 

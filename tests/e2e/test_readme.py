@@ -217,11 +217,13 @@ def test_cityscapes_train_ids_command(demo_runs, tmp_path):
 
 def test_convert_and_official_commands(tmp_path):
     """The checkpoint commands, on a train-time checkpoint and published-layout ones made here from
-    the official key/shape listings (tests/backbones/test_published_layouts.py, test_official.py)."""
+    the official key/shape listings (tests/published_*.py, tests/backbones/test_official.py)."""
     import backbones
     sys.path.insert(0, str(REPO / "tests" / "backbones"))  # test_official's builder, when this file runs alone
     from test_official import make_official
+    from published_acnet import official_acnet_resnet, official_size, save_official_hdf5
     from published_layouts import PUBLISHED_REPVGG, mobileone_size, official_mobileone, official_repvgg
+    from published_resnet import PUBLISHED_RESNETS, official_resnet
 
     [convert] = _commands(RUN_PATTERNS["convert"])
     arch = re.search(r"--arch (\S+)", convert).group(1)
@@ -229,16 +231,22 @@ def test_convert_and_official_commands(tmp_path):
     assert "max relative error" in _run(convert, tmp_path, tmp_path).stdout
     assert (tmp_path / "deploy.safetensors").is_file()
     officials = _commands(RUN_PATTERNS["official"])
-    assert len(officials) == 3
+    assert len(officials) == 5
     for official in officials:
         name, src, dst = re.search(r"--arch (\S+)", official).group(1), official.split()[-2], official.split()[-1]
         if name in PUBLISHED_REPVGG:
             state = official_repvgg(**PUBLISHED_REPVGG[name][1], classes=1000, seed=0)
         elif name.startswith("mobileone"):
             state = official_mobileone(**mobileone_size(name.split("_")[1]), classes=1000, seed=0)
+        elif name in PUBLISHED_RESNETS:
+            state = official_resnet("dbb", *PUBLISHED_RESNETS[name][1:], seed=0)
+        elif name == "sres18":
+            save_official_hdf5(official_acnet_resnet(**official_size(name), seed=0), tmp_path / src)
+            state = None
         else:
             state = make_official(name, deploy=False)
-        torch.save(state, tmp_path / src)
+        if state is not None:
+            torch.save(state, tmp_path / src)
         assert "arch=" in _run(official, tmp_path, tmp_path).stdout
         assert (tmp_path / dst).is_file()
 

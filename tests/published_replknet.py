@@ -8,7 +8,6 @@ independent functional forward of the official network over such a state dict (`
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -17,7 +17,6 @@ so the block is FCs only. Both forms compute the same function in eval mode.
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..reparam.block import ReparamBlock, assign_parameter

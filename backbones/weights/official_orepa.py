@@ -51,7 +51,6 @@ mean, ``linear``. Official names ``ResNet-18`` / ``ResNet-50`` map to ``resnet18
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -201,15 +200,7 @@ def convert(state_dict: Mapping[str, Tensor], source: str = "<state dict>") -> d
         ValueError: a block whose tensors do not compose, or constant buffers that were changed;
             the message names ``source`` and the block.
     """
-    pattern = re.compile(LAYOUT.key)
-    composed = _composed(strip_prefix(state_dict, ("module.",)), source)
-    converted: dict[str, Tensor] = {}
-    for key, value in composed.items():
-        new = LAYOUT.rename(key) if pattern.fullmatch(key) else key
-        if new in converted:
-            raise ValueError(f"{source}: two keys of the {NAME} map to {new!r}")
-        converted[new] = value
-    return converted
+    return LAYOUT.convert(_composed(strip_prefix(state_dict, ("module.",)), source), source)
 
 
 def _read(state_dict: dict[str, Tensor], meta: dict[str, Any], path: str) -> Weights:

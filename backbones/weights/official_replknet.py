@@ -152,10 +152,7 @@ def _read(state_dict: dict[str, Tensor], meta: dict[str, Any], path: str) -> Wei
     deploy = _is_official_deploy(converted)
     if deploy:
         converted = official_deploy_to_ours(converted)
-    fc = converted.get("head.fc.weight")
-    # the classifier is head.fc here, so create_loaded's look at fc.weight would build a headless model
-    return Weights(path=path, format=LAYOUT.name, state_dict=converted, scope="backbone", deploy=deploy,
-                   kwargs={"num_classes": int(fc.shape[0]) if fc is not None else 0})
+    return Weights(path=path, format=LAYOUT.name, state_dict=converted, scope="backbone", deploy=deploy)
 
 
 FORMAT = WeightFormat(LAYOUT.name, lambda state_dict, meta: LAYOUT.matches(state_dict), _read)

@@ -1,6 +1,6 @@
 """Convert a published checkpoint of the family to this project's layout: official RepMLP v1
-(RepMLP-ResNet), RepVGG, MobileOne, RepLKNet, and the ACNet, DBB and OREPA ResNets, and timm's
-RepVGG/MobileOne (byobnet).
+(RepMLP-ResNet), RepMLPNet, RepVGG, MobileOne, RepLKNet, and the ACNet, DBB and OREPA ResNets;
+MMPretrain's RepMLPNet; timm's RepVGG/MobileOne (byobnet).
 
 Command line::
 
@@ -27,8 +27,9 @@ __all__ = ["main"]
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m backbones.official",
-        description="Convert a published checkpoint (official RepMLP v1, RepVGG, MobileOne, RepLKNet, ACNet, DBB and "
-                    "OREPA ResNets; timm's RepVGG and MobileOne) to this project's layout.",
+        description="Convert a published checkpoint (official RepMLP v1, RepMLPNet, RepVGG, MobileOne, RepLKNet, "
+                    "ACNet, DBB and OREPA ResNets; MMPretrain's RepMLPNet; timm's RepVGG and MobileOne) to this "
+                    "project's layout.",
     )
     parser.add_argument("--arch", required=True, help="registered model name (repvgg_a0) or official one (RepVGG-A0)")
     parser.add_argument("src", help="published checkpoint (.pth/.pth.tar/.pt/.safetensors/.hdf5)")

@@ -5,7 +5,9 @@ final BN, average pooling and the classifier. A stage alternates a RepMLP unit (
 :class:`~..layers.repmlpnet.RepMLPNetBlock`, plus the input) with a ConvFFN (pre-BN → 1x1 → GELU
 → 1x1, plus the input). The partitions are fixed at build time (the whole stage map at the
 pre-training size), so a larger input, as in segmentation, is cut into several of them; the
-input size must make every stage map a multiple of its partition.
+input size must make every stage map a multiple of its partition. Each partition's output stays
+in place (the official code's reshape moves it to another partition when a map holds several; at
+the published resolutions, one partition per map, both compute the same function).
 
 Deploy: each RepMLP block's local convs and BNs merge into its FC (Locality Injection); the
 ConvFFN's and the head's BNs fold as in RepLKNet, the convs' BNs into the convs. The pre-BN of

@@ -51,7 +51,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..reparam.math import BNStats, fuse_bn
+from .folding import fold_conv_bns
 from .formats import WeightFormat, Weights
 from .renamed import BN_KEYS as _BN, RenamedLayout
 
@@ -84,21 +84,6 @@ LAYOUT = RenamedLayout(
 _ACB_KEY = re.compile(r"\.(square_conv|fused_conv)\.weight$")
 
 
-def _fold_conv_bns(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Each ``P.conv.weight`` with a ``P.bn.*`` folded into ``P.conv.weight, P.conv.bias`` (the
-    conv-BNs an official deploy file keeps: stem, shortcuts, 1x1 convs)."""
-    out = dict(state_dict)
-    for key in [k for k in state_dict if k.endswith(".conv.weight")]:
-        prefix = key[: -len("conv.weight")]
-        if prefix + "bn.running_mean" not in state_dict:
-            continue
-        weight, bias = fuse_bn(state_dict[key], None, BNStats.of(state_dict, prefix + "bn."))
-        for name in [k for k in out if k.startswith(prefix + "bn.")]:
-            del out[name]
-        out[key], out[prefix + "conv.bias"] = weight, bias
-    return out
-
-
 def _is_acnet(state_dict: Mapping[str, Tensor], meta: Mapping[str, Any]) -> bool:
     return LAYOUT.matches(state_dict)
 
@@ -108,7 +93,7 @@ def _read_acnet(state_dict: dict[str, Tensor], meta: dict[str, Any], path: str) 
     deploy = any(k.endswith(".fused_conv.weight") for k in state_dict)
     converted = LAYOUT.convert(state_dict, path)
     if deploy:
-        converted = _fold_conv_bns(converted)
+        converted = fold_conv_bns(converted)  # the conv-BNs it keeps: stem, shortcuts, 1x1 convs
     extra = {"deps": meta["deps"]} if "deps" in meta else {}
     return Weights(path=path, format=NAME, state_dict=converted, scope="backbone", deploy=deploy,
                    kwargs={"conv_type": "acb" if has_acb else "conv"}, extra=extra)

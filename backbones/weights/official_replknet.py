@@ -38,7 +38,8 @@ from typing import Any, Optional
 
 from torch import Tensor
 
-from ..reparam.math import BNStats, add_branches, bn_scale_shift, fuse_bn, fuse_bn_before_linear
+from ..reparam.math import add_branches, fuse_bn
+from .folding import bn_to_scale_shift, fold_conv_bns, fold_pre_bns, pop_bn
 from .formats import WeightFormat, Weights
 from .renamed import BN_KEYS as _BN, RenamedLayout
 
@@ -70,7 +71,6 @@ LAYOUT = RenamedLayout(
 )
 
 _INTERMEDIATE_NORM = re.compile(r"^stages\.\d+\.norm\.")
-_BN_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
 def _is_official_deploy(converted: Mapping[str, Tensor]) -> bool:
@@ -89,57 +89,21 @@ def official_deploy_to_ours(state_dict: Mapping[str, Tensor]) -> dict[str, Tenso
     ``head.shift`` ``(C,)``. Keys of no known unit are kept, so that a strict load names them;
     works on the meta device (shapes only).
     """
-    sd = dict(state_dict)
-    used: set[str] = set()
-    out: dict[str, Tensor] = {}
+    out = dict(state_dict)
+    for key in [k for k in state_dict if k.endswith(".large_kernel.large.conv.weight")]:  # not merged yet
+        lk = key[: -len("large.conv.weight")]
+        branches = [_pop_conv_bn(out, lk + "large.")]
+        if lk + "small.conv.weight" in out:
+            branches.append(_pop_conv_bn(out, lk + "small."))
+        out[lk + "reparam_conv.weight"], out[lk + "reparam_conv.bias"] = add_branches(*branches)
+    return bn_to_scale_shift(fold_pre_bns(fold_conv_bns(out)), "head.norm.", "head.")
 
-    def take(key: str) -> Optional[Tensor]:
-        if key not in sd:
-            return None
-        used.add(key)
-        return sd[key]
 
-    def bn(prefix: str) -> Optional[BNStats]:
-        if prefix + "running_mean" not in sd or prefix + "running_var" not in sd:
-            return None
-        used.update(prefix + name for name in _BN_NAMES if prefix + name in sd)
-        return BNStats.of(sd, prefix)
-
-    def conv_bn(prefix: str) -> tuple[Tensor, Optional[Tensor]]:
-        """``(kernel, bias)`` of the conv (and BN) saved under ``prefix``."""
-        weight, bias = take(prefix + "conv.weight"), take(prefix + "conv.bias")
-        stats = bn(prefix + "bn.")
-        return fuse_bn(weight, bias, stats) if stats is not None else (weight, bias)
-
-    def put(prefix: str, weight: Tensor, bias: Optional[Tensor]) -> None:
-        out[prefix + "weight"] = weight
-        if bias is not None:
-            out[prefix + "bias"] = bias
-
-    for key in sd:
-        if key in used:
-            continue
-        if key.endswith(".large_kernel.large.conv.weight"):
-            lk = key[: -len("large.conv.weight")]
-            branches = [conv_bn(lk + "large.")]
-            if lk + "small.conv.weight" in sd:
-                branches.append(conv_bn(lk + "small."))
-            put(lk + "reparam_conv.", *add_branches(*branches))
-        elif key.endswith(".conv.weight") and ".large_kernel.small." not in key:
-            prefix = key[: -len("conv.weight")]
-            put(prefix + "conv.", *conv_bn(prefix))
-        elif key.startswith("head.norm.") and (stats := bn("head.norm.")) is not None:
-            out["head.scale"], out["head.shift"] = bn_scale_shift(stats)
-    # a pre-BN folds into the pw1 conv that follows it, once that conv holds its own BN
-    for key in sd:
-        if key.endswith(".pre_bn.running_mean"):
-            block = key[: -len("pre_bn.running_mean")]
-            weight, bias = out.get(block + "pw1.conv.weight"), out.get(block + "pw1.conv.bias")
-            if weight is not None and bias is not None and (stats := bn(block + "pre_bn.")) is not None:
-                fused, out[block + "pw1.conv.bias"] = fuse_bn_before_linear(weight.flatten(1), bias, stats)
-                out[block + "pw1.conv.weight"] = fused.reshape(weight.shape)
-    out.update({k: v for k, v in sd.items() if k not in used and k not in out})  # head.fc, merged kernels, foreign
-    return out
+def _pop_conv_bn(sd: dict[str, Tensor], prefix: str) -> tuple[Tensor, Optional[Tensor]]:
+    """``(kernel, bias)`` of the conv (and BN) saved under ``prefix``, its entries removed from ``sd``."""
+    weight, bias = sd.pop(prefix + "conv.weight"), sd.pop(prefix + "conv.bias", None)
+    stats = pop_bn(sd, prefix + "bn.")
+    return fuse_bn(weight, bias, stats) if stats is not None else (weight, bias)
 
 
 def _read(state_dict: dict[str, Tensor], meta: dict[str, Any], path: str) -> Weights:

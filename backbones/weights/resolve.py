@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import nn
 
-from . import (mmseg, official_acnet, official_dbb, official_mobileone, official_orepa, official_replknet,
-               official_repmlp, official_repvgg, timm_byobnet)
+from . import (mmpretrain_repmlp, mmseg, official_acnet, official_dbb, official_mobileone, official_orepa,
+               official_replknet, official_repmlp, official_repmlpnet, official_repvgg, timm_byobnet)
 from .formats import BACKBONE_FILE, LIGHTNING, STATE_DICT, Weights, WeightFormat, create_loaded
 from .io import PathLike, load_state_dict_file
 
@@ -22,12 +22,14 @@ __all__ = ["FORMATS", "OFFICIAL_ARCHS", "read_weights", "weights_of_checkpoint",
 
 # Order matters: a recorded layout before the key-pattern detections, the bare state dict last.
 FORMATS: tuple[WeightFormat, ...] = (LIGHTNING, BACKBONE_FILE, mmseg.FORMAT, official_repmlp.FORMAT,
-                                     official_repvgg.FORMAT, official_mobileone.FORMAT, timm_byobnet.FORMAT,
+                                     official_repmlpnet.FORMAT, mmpretrain_repmlp.FORMAT, official_repvgg.FORMAT,
+                                     official_mobileone.FORMAT, timm_byobnet.FORMAT,
                                      official_replknet.FORMAT, official_acnet.FORMAT, official_dbb.FORMAT,
                                      official_orepa.FORMAT, STATE_DICT)
 
 # the names the official repositories give their models → the registered names here
-OFFICIAL_ARCHS = {**official_repmlp.OFFICIAL_ARCHS, **official_repvgg.OFFICIAL_ARCHS, **official_mobileone.OFFICIAL_ARCHS,
+OFFICIAL_ARCHS = {**official_repmlp.OFFICIAL_ARCHS, **official_repmlpnet.OFFICIAL_ARCHS,
+                  **official_repvgg.OFFICIAL_ARCHS, **official_mobileone.OFFICIAL_ARCHS,
                   **official_replknet.OFFICIAL_ARCHS, **official_acnet.OFFICIAL_ARCHS,
                   **official_dbb.OFFICIAL_ARCHS, **official_orepa.OFFICIAL_ARCHS}
 

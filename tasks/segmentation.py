@@ -1,17 +1,19 @@
-"""Semantic segmentation: PSPNet (mmseg layout) on a dilated ResNet or RepMLP-ResNet backbone.
+"""Semantic segmentation: PSPNet or UPerNet (mmseg layouts) on a ResNet, RepMLP-ResNet or RepMLPNet backbone.
 
     python -m tasks.segmentation fit                        # demo city, configs/segmentation/demo.yaml
+    python -m tasks.segmentation fit -c configs/segmentation/demo_upernet_repmlpnet.yaml  # UPerNet, RepMLPNet
     python -m tasks.segmentation fit -c configs/segmentation/pspnet_repmlp_res50_713.yaml --data.root /data/cityscapes
     python -m tasks.segmentation test -c CONFIG --ckpt_path runs/.../deploy.ckpt
     python -m tasks.segmentation test -c configs/segmentation/pspnet_r50_d8_512x1024.yaml --model.weights mmseg.pth
 
 Module names follow mmseg's ``EncoderDecoder`` (``backbone``, ``decode_head``, ``auxiliary_head``),
-so an mmseg PSPNet checkpoint loads after renaming only the backbone's keys
+so an mmseg PSPNet or UPerNet checkpoint loads after renaming only the backbone's keys
 (:mod:`backbones.weights.mmseg`).
 
-A RepMLP backbone is built for one input size: the training crop. Inference therefore defaults
-to a sliding window of exactly that size (``inference="slide"``); windows that overrun the image
-are padded and the padding is cut from the logits, which are averaged where windows overlap.
+A RepMLP backbone (RepMLP-ResNet or RepMLPNet) is built for one input size: the training crop.
+Inference therefore defaults to a sliding window of exactly that size (``inference="slide"``);
+windows that overrun the image are padded and the padding is cut from the logits, which are
+averaged where windows overlap.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from callbacks.segmentation_png import SegmentationPNGWriter
 from datamodules.cityscapes import CityscapesDataModule
 from tasks.base import ReparamTask
 from tasks.runtime import RuntimeSpec
-from tasks.heads.decode import FCNHead, PSPHead
+from tasks.heads.decode import FCNHead, PSPHead, UPerHead
 from tasks.lightning.cli import CONFIG_DIR, TaskCLI
 from tasks.metrics.segmentation import SegmentationIoU, check_label_range
 
@@ -36,14 +38,23 @@ __all__ = ["SegmentationTask", "SegmentationCLI", "main"]
 
 
 class SegmentationTask(ReparamTask):
-    """PSPNet: backbone c5 → PSPHead, c4 → auxiliary FCNHead; logits upsampled to the label size.
+    """PSPNet or UPerNet: backbone stages → decode head, stage index 2 (c4) → auxiliary FCNHead
+    (training only); logits upsampled to the label size.
+
+    Any registered backbone with ``forward_stages`` (four maps) and ``widths`` works: the dilated
+    ResNets for PSPNet, the plain ResNets (``resnet50_v1c``) and RepMLPNet for UPerNet.
 
     Args:
-        backbone: a registered dilated backbone (``resnet50_v1c_d8``, ``repmlp_res50_g4_8_d8_713``, ...).
+        backbone: a registered backbone (``resnet50_v1c_d8``, ``repmlp_res50_g4_8_d8_713``,
+            ``resnet50_v1c``, ``repmlpnet_b256``, ...).
         backbone_kwargs: its arguments; ``img_size`` is the training crop and the sliding window.
         num_classes: classes (linked to ``data.num_classes``).
         class_names: names for the per-class IoU table (linked to ``data.classes``).
-        head_channels, pool_scales, aux_channels, dropout, align_corners: PSPHead / FCNHead settings.
+        decode_head: ``"psp"``: :class:`~tasks.heads.decode.PSPHead` on the last stage map (PSPNet,
+            meant for output-stride-8 backbones); ``"uper"``: :class:`~tasks.heads.decode.UPerHead`
+            on all four stage maps (UPerNet: pyramid pooling on the last, FPN, logits at stride 4).
+        head_channels: the decode head's width (mmseg's ``channels``, 512 in its configs).
+        pool_scales, aux_channels, dropout, align_corners: decode head / FCNHead settings.
         aux_weight: weight of the auxiliary loss (0 removes the auxiliary head).
         ignore_index: label value excluded from the loss and the metrics.
         loss_average: ``"all"`` (default, mmseg's ``avg_non_ignore=False``): the loss is averaged
@@ -52,13 +63,17 @@ class SegmentationTask(ReparamTask):
         slide_stride: window stride ``(h, w)``; default two thirds of the window.
         flip: also predict the mirrored image and average the probabilities.
         scales: image scales for multi-scale inference (probabilities averaged).
-        mmseg_heads: build PSPHead and FCNHead from mmsegmentation itself (``pip install -e .[mmseg]``)
-            instead of the project's heads; same state-dict keys, same outputs (tested). Their BNs
-            are not folded at deploy (mmcv's ConvModule has no deploy form).
+        mmseg_heads: build the decode head (PSPHead or UPerHead) and FCNHead from mmsegmentation
+            itself (``pip install -e .[mmseg]``) instead of the project's heads; same state-dict
+            keys, same outputs (tested). Their BNs are not folded at deploy (mmcv's ConvModule has
+            no deploy form).
         **kwargs: weights, optimizer and schedule (see :class:`tasks.base.ReparamTask`); an ImageNet
             backbone starts a fit with ``--model.weights FILE --model.weights_match matching`` (the
             classifier and size-dependent RepMLP layers are named and left initialized), an mmseg
-            PSPNet checkpoint is tested with ``--model.weights mmseg.pth``.
+            PSPNet or UPerNet checkpoint is tested with ``--model.weights mmseg.pth``.
+
+    The backbone's own classification head (``head``: RepMLPNet's final BN) never runs here: it
+    is frozen, so that DDP does not wait for its gradients.
     """
 
     task_name = "segmentation"
@@ -70,6 +85,7 @@ class SegmentationTask(ReparamTask):
         backbone_kwargs: Optional[dict[str, Any]] = None,
         num_classes: int = 19,
         class_names: Optional[list[str]] = None,
+        decode_head: Literal["psp", "uper"] = "psp",
         head_channels: int = 512,
         pool_scales: tuple[int, ...] = (1, 2, 3, 6),
         aux_channels: int = 256,
@@ -86,6 +102,8 @@ class SegmentationTask(ReparamTask):
         **kwargs: Any,
     ) -> None:
         super().__init__(backbone, backbone_kwargs, **kwargs)
+        if decode_head not in ("psp", "uper"):
+            raise ValueError(f"model.decode_head must be 'psp' or 'uper', got {decode_head!r}")
         if loss_average not in ("all", "non_ignored"):
             raise ValueError(f"model.loss_average must be 'all' or 'non_ignored', got {loss_average!r}")
         if inference not in ("slide", "whole"):
@@ -111,12 +129,24 @@ class SegmentationTask(ReparamTask):
     def build_model(self, deploy: bool) -> None:
         super().build_model(deploy)
         hp = self.hparams
-        widths = self.backbone.widths
+        widths = getattr(self.backbone, "widths", None)
+        if not callable(getattr(self.backbone, "forward_stages", None)) or widths is None or len(widths) != 4:
+            raise ValueError(f"model.backbone {self.backbone_name!r} gives no four stage maps (forward_stages and "
+                             "widths): the segmentation heads need them; use a ResNet, RepMLP-ResNet or RepMLPNet")
+        # the pooled classifier head of a headless backbone (RepMLPNet's final BN) is not part of the
+        # segmentation model: without gradients DDP would wait for it at every step
+        head = getattr(self.backbone, "head", None)
+        if isinstance(head, torch.nn.Module):
+            head.requires_grad_(False)
         if hp.mmseg_heads:
             self._build_mmseg_heads(widths)
             return
-        self.decode_head = PSPHead(widths[3], self.num_classes, hp.head_channels, hp.pool_scales, hp.dropout,
-                                   hp.align_corners, deploy=deploy)
+        if hp.decode_head == "uper":
+            self.decode_head = UPerHead(widths, self.num_classes, hp.head_channels, hp.pool_scales, hp.dropout,
+                                        hp.align_corners, deploy=deploy)
+        else:
+            self.decode_head = PSPHead(widths[3], self.num_classes, hp.head_channels, hp.pool_scales, hp.dropout,
+                                       hp.align_corners, deploy=deploy)
         self.auxiliary_head = (
             FCNHead(widths[2], self.num_classes, hp.aux_channels, dropout=hp.dropout, deploy=deploy)
             if hp.aux_weight > 0 else None
@@ -128,6 +158,7 @@ class SegmentationTask(ReparamTask):
         try:
             from mmseg.models.decode_heads import FCNHead as MMSegFCNHead
             from mmseg.models.decode_heads import PSPHead as MMSegPSPHead
+            from mmseg.models.decode_heads import UPerHead as MMSegUPerHead
         except ImportError as exc:
             raise ImportError(
                 f"model.mmseg_heads=true needs mmsegmentation with a compiled mmcv ({exc}); "
@@ -135,10 +166,13 @@ class SegmentationTask(ReparamTask):
             ) from exc
         hp = self.hparams
         norm = dict(type="BN", requires_grad=True)
-        # in_index picks c5 / c4 from the list of stage outputs the heads are given
-        self.decode_head = MMSegPSPHead(
-            in_channels=widths[3], in_index=3, channels=hp.head_channels, pool_scales=tuple(hp.pool_scales),
-            dropout_ratio=hp.dropout, num_classes=self.num_classes, norm_cfg=norm, align_corners=hp.align_corners)
+        # in_index picks c5 / c4 (all four stages for UPerHead) from the list of stage outputs
+        common = dict(channels=hp.head_channels, pool_scales=tuple(hp.pool_scales), dropout_ratio=hp.dropout,
+                      num_classes=self.num_classes, norm_cfg=norm, align_corners=hp.align_corners)
+        if hp.decode_head == "uper":
+            self.decode_head = MMSegUPerHead(in_channels=list(widths), in_index=[0, 1, 2, 3], **common)
+        else:
+            self.decode_head = MMSegPSPHead(in_channels=widths[3], in_index=3, **common)
         self.auxiliary_head = MMSegFCNHead(
             in_channels=widths[2], in_index=2, channels=hp.aux_channels, num_convs=1, concat_input=False,
             dropout_ratio=hp.dropout, num_classes=self.num_classes, norm_cfg=norm,
@@ -146,8 +180,12 @@ class SegmentationTask(ReparamTask):
 
     def _heads(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         stages = self.backbone.forward_stages(x)
-        # mmseg's heads take the list of stages and pick their in_index; the project's take one map
-        decode_in, aux_in = (stages, stages) if self.hparams.mmseg_heads else (stages[3], stages[2])
+        # mmseg's heads take the list of stages and pick their in_index; the project's PSP and FCN
+        # heads take one map, its UPerHead all four
+        if self.hparams.mmseg_heads:
+            decode_in, aux_in = stages, stages
+        else:
+            decode_in, aux_in = (stages if self.hparams.decode_head == "uper" else stages[3]), stages[2]
         aux = self.auxiliary_head(aux_in) if self.auxiliary_head is not None and self.training else None
         return self.decode_head(decode_in), aux
 

@@ -1,1 +1,1 @@
-"""Task heads: PSP and FCN decode heads (:mod:`.decode`), margin heads for face recognition (:mod:`.margin`)."""
+"""Task heads: PSP, UPerNet and FCN decode heads (:mod:`.decode`), margin heads for face recognition (:mod:`.margin`)."""

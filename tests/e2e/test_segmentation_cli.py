@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_failed, assert_ok, read_results, run_task
+from conftest import REPO, assert_failed, assert_ok, print_configs, read_results, run_task
 from datamodules.cityscapes import PALETTE
 from datamodules.demo import cityscapes_demo
 
@@ -149,6 +149,60 @@ def test_mmseg_checkpoint_tests_as_the_baseline(small_root, tmp_path):
     assert_ok(_cli("predict", "--model.weights", str(mmseg), "--predictions.dirpath", str(out), *args,
                    cwd=tmp_path, demo_root=tmp_path))
     assert len(list(out.rglob("*_pred_labelTrainIds.png"))) == 2  # the two val images
+
+
+# --------------------------------------------------------------------------- UPerNet
+UPERNET_DEMO = REPO / "configs" / "segmentation" / "demo_upernet_repmlpnet.yaml"
+
+
+def test_upernet_repmlpnet_demo_fits_converts_and_tests_the_deploy_model(small_root, tmp_path):
+    """The UPerNet demo config (RepMLPNet built for its 128x128 crop), shortened: fit, convert the best
+    checkpoint (Locality Injection, BNs folded), and test the deploy model after fit."""
+    proc = assert_ok(_cli("fit", "--config", str(UPERNET_DEMO), "--data.root", str(small_root),
+                          "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1",
+                          "--trainer.enable_progress_bar", "false", "--data.num_workers", "0",
+                          "--data.persistent_workers", "false", "--data.batch_size", "2",
+                          cwd=tmp_path, demo_root=tmp_path))
+    assert "ReparamCallback: deploy model written" in proc.stdout + proc.stderr
+    run = tmp_path / "runs" / "segmentation-demo-upernet" / "version_0"
+    results = read_results(run)
+    assert results["deploy"] is True and results["backbone"] == "repmlpnet_tiny"
+    assert results["hparams"]["decode_head"] == "uper"
+    assert results["reparam"]["relative_error"] <= 1e-4
+    assert results["params"] == results["reparam"]["params_deploy"] < results["reparam"]["params_train"]
+    assert 0.0 <= results["metrics"]["test/mIoU"] <= 1.0 and len(results["per_class_iou"]) == 19
+    assert results["window"] == [128, 128] and results["inference"]["inference"] == "slide"
+    state = torch.load(run / "deploy.ckpt", weights_only=True)["state_dict"]
+    assert "decode_head.fpn_bottleneck.conv.bias" in state and "backbone.stage1.0.mlp.fc3.bias" in state
+    assert not [k for k in state if ".bn." in k or "pre_bn" in k or "local." in k]
+
+
+def test_upernet_configs_parse_with_their_header_commands(tmp_path):
+    """The Cityscapes UPerNet configs, run as their headers say, and the UPerNet demo config."""
+    commands = {}
+    for name in ("upernet_r50_512x1024", "upernet_repmlpnet_b256_512x1024"):
+        text = (REPO / "configs" / "segmentation" / f"{name}.yaml").read_text()
+        (line,) = [ln for ln in text.splitlines() if ln.startswith("#   python -m tasks.segmentation fit")]
+        commands[name] = line.split("python -m ", 1)[1].replace("/path/to/cityscapes", "data").split()
+    commands["demo"] = ["tasks.segmentation", "fit", "--config", str(UPERNET_DEMO)]
+    results = dict(zip(commands, print_configs(list(commands.values()), REPO)))
+    for name, result in results.items():
+        assert result["code"] == 0, result["err"]
+        assert "decode_head: uper" in result["out"], name
+    r50, b256, demo = (results[n]["out"] for n in commands)
+    assert "backbone: resnet50_v1c\n" in r50 and "max_steps: 80000" in r50 and "val_check_interval: 8000" in r50
+    assert "inference: whole" in r50 and "lr: 0.01" in r50 and "poly_power: 0.9" in r50 and "devices: 4" in r50
+    assert "backbone: repmlpnet_b256" in b256 and "- 512\n" in b256 and "- 1024\n" in b256
+    assert "devices: '8'" in b256 and "max_steps: 80000" in b256 and "optimizer: adamw" in b256
+    assert "lr: 0.0002" in b256 and "weight_decay: 0.05" in b256 and "poly_power: 1.0" in b256
+    assert "inference: slide" in b256 and "warmup_epochs: 2.15" in b256 and "weights_match: matching" in b256
+    assert "backbone: repmlpnet_tiny" in demo and "root: null" in demo
+    # the configs build: RepMLPNet-B256 at 512x1024 has whole partitions in every stage (on the meta device)
+    from backbones import create
+
+    with torch.device("meta"):
+        model = create("repmlpnet_b256", img_size=[512, 1024], num_classes=0)
+    assert model.stage_sizes == [(128, 256), (64, 128), (32, 64), (16, 32)]
 
 
 # --------------------------------------------------------------------------- bad input

@@ -105,6 +105,29 @@ def test_mmseg_pspnet_checkpoint_loads_into_the_baseline(tmp_path):
         assert torch.equal(v, ours[k]), k
 
 
+def test_mmseg_upernet_checkpoint_loads_into_the_upernet_baseline(tmp_path):
+    """An mmseg UPerNet checkpoint (ResNetV1c keys, decode_head.lateral_convs/fpn_convs/...) loads
+    into the task with decode_head="uper" on a plain ResNet, every tensor in place."""
+    kwargs = dict(backbone="resnet_tiny", decode_head="uper")
+    ours = perturb_params(randomize_bn(_task(**kwargs)), seed=1).state_dict()
+    mmseg = _to_mmseg_names(ours)
+    for key in ("decode_head.lateral_convs.2.conv.weight", "decode_head.fpn_convs.0.bn.running_var",
+                "decode_head.fpn_bottleneck.conv.weight", "decode_head.psp_modules.3.1.bn.weight",
+                "auxiliary_head.convs.0.conv.weight", "backbone.layer4.0.downsample.0.weight"):
+        assert key in mmseg, key
+    path = tmp_path / "upernet_mmseg.pth"
+    torch.save({"meta": {"mmseg_version": "1.2.2"}, "state_dict": mmseg}, path)
+    fresh = _task(**kwargs)
+    fresh.load_weights(str(path))
+    assert fresh.state_dict().keys() == ours.keys()
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, ours[k]), k
+    # a PSPNet checkpoint does not fit a UPerNet task
+    torch.save({"meta": {}, "state_dict": _to_mmseg_names(_task(backbone="resnet_tiny").state_dict())}, path)
+    with pytest.raises(ValueError, match="lateral_convs"):
+        _task(**kwargs).load_weights(str(path))
+
+
 # --------------------------------------------------------------------------- metric
 def test_iou_metric_equals_a_direct_confusion_matrix():
     rng = np.random.default_rng(0)

@@ -50,7 +50,9 @@ RUN_PATTERNS = {
     "deploy": r"tasks\.\w+ (test|predict) (?!.*--runtime ).*runs/\w+-demo/",
     "runtimes": r"tasks\.classification test .*--runtime |tasks\.export ",
     "baseline": r"tasks\.classification fit .*classification-demo-resnet",
-    "compare": r"tasks\.compare ",
+    "compare": r"tasks\.compare runs/classification-demo/",
+    "upernet": r"tasks\.segmentation fit .*demo_upernet_repmlpnet",
+    "compare_segmentation": r"tasks\.compare runs/segmentation-demo/",
     "train_ids": r"datamodules\.cityscapes_train_ids ",
     "convert": r"backbones\.convert ",
     "official": r"backbones\.official ",
@@ -204,6 +206,22 @@ def test_baseline_demo_and_comparison(demo_runs, tmp_path):
     rows = (cwd / "comparison" / "comparison.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[1].startswith("repmlp_res_tiny,torch,fp32,False") and rows[2].startswith("resnet_tiny,torch,fp32,True")
     assert "| resnet_tiny (baseline) |" in proc.stdout and (cwd / "comparison" / "comparison.png").stat().st_size > 10_000
+
+
+def test_upernet_demo_and_comparison_with_the_pspnet_demo(demo_runs, tmp_path):
+    """The RepMLPNet + UPerNet demo as written but for 2 of its 30 epochs (CI time; the README's demo
+    table has the full run), then its comparison with the PSPNet demo run on the same demo city."""
+    cwd, demo_root = _demo_copy(demo_runs, "segmentation", tmp_path)
+    shutil.copytree(REPO / "configs", cwd / "configs")  # the command names a config as from the checkout's root
+    [fit] = _commands(RUN_PATTERNS["upernet"])
+    [compare] = _commands(RUN_PATTERNS["compare_segmentation"])
+    _run(fit + " --trainer.max_epochs 2 --trainer.check_val_every_n_epoch 1", cwd, demo_root)
+    results = read_results(cwd / "runs" / "segmentation-demo-upernet" / "version_0")
+    assert results["deploy"] is True and results["backbone"] == "repmlpnet_tiny"
+    proc = _run(compare, cwd, demo_root)
+    rows = (cwd / "comparison-segmentation" / "comparison.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[1].startswith("repmlp_res_tiny_d8,") and rows[2].startswith("repmlpnet_tiny,")
+    assert "| repmlp_res_tiny_d8 (baseline) |" in proc.stdout
 
 
 def test_cityscapes_train_ids_command(demo_runs, tmp_path):

@@ -38,21 +38,14 @@ no released file has; it does not affect the tensors read here.
 """
 from __future__ import annotations
 
-import re
 
 from .formats import WeightFormat
-from .official_repmlpnet import read_repmlpnet
+from .official_repmlpnet import read_repmlpnet, unit_prefix  # stages.i.j -> stage{i+1}.{2j(+1)}
 from .renamed import BN_KEYS as _BN, RenamedLayout
 
 __all__ = ["LAYOUT", "FORMAT"]
 
 _UNIT = rf"(conv\.weight|bn\.{_BN})"  # ConvModule with a BN: a bias-free conv and its BN
-
-
-def _unit(m: re.Match[str], offset: int) -> str:
-    """``stage{i+1}.{2j+offset}.`` for a match of ``stages.{i}.{j}.``: MMPretrain's ``RepMLPNetUnit``
-    ``j`` of stage ``i`` is a RepMLP unit here (``offset`` 0) followed by a ConvFFN (``offset`` 1)."""
-    return f"stage{int(m.group(1)) + 1}.{2 * int(m.group(2)) + offset}."
 
 
 LAYOUT = RenamedLayout(
@@ -65,10 +58,10 @@ LAYOUT = RenamedLayout(
         (r"^backbone\.", ""),
         (r"^patch_embed\.projection\.", "stem.conv."),
         (r"^patch_embed\.norm\.", "stem.bn."),
-        (r"^stages\.(\d+)\.(\d+)\.norm1\.", lambda m: _unit(m, 0) + "pre_bn."),
-        (r"^stages\.(\d+)\.(\d+)\.repmlp_block\.", lambda m: _unit(m, 0) + "mlp."),
-        (r"^stages\.(\d+)\.(\d+)\.norm2\.", lambda m: _unit(m, 1) + "pre_bn."),
-        (r"^stages\.(\d+)\.(\d+)\.ffn_block\.ffn_fc([12])\.", lambda m: _unit(m, 1) + f"pw{m.group(3)}."),
+        (r"^stages\.(\d+)\.(\d+)\.norm1\.", lambda m: unit_prefix(m, 0) + "pre_bn."),
+        (r"^stages\.(\d+)\.(\d+)\.repmlp_block\.", lambda m: unit_prefix(m, 0) + "mlp."),
+        (r"^stages\.(\d+)\.(\d+)\.norm2\.", lambda m: unit_prefix(m, 1) + "pre_bn."),
+        (r"^stages\.(\d+)\.(\d+)\.ffn_block\.ffn_fc([12])\.", lambda m: unit_prefix(m, 1) + f"pw{m.group(3)}."),
         (r"\.mlp\.gp\.conv1\.conv\.", ".mlp.gp.reduce."),
         (r"\.mlp\.gp\.conv2\.conv\.", ".mlp.gp.expand."),
         (r"\.mlp\.repconv(\d+)\.", r".mlp.local.\1x\1."),

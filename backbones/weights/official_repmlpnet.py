@@ -69,7 +69,7 @@ OFFICIAL_ARCHS = {
 _UNIT = rf"(conv\.weight|bn\.{_BN})"  # conv_bn / conv_bn_relu: a bias-free conv and its BN
 
 
-def _unit(m: re.Match[str], offset: int) -> str:
+def unit_prefix(m: re.Match[str], offset: int) -> str:
     """``stage{i+1}.{2j+offset}.`` for a match of ``stages.{i}.{j}.``: unit ``j`` of stage ``i`` is a
     RepMLP unit here (``offset`` 0) followed by a ConvFFN (``offset`` 1)."""
     return f"stage{int(m.group(1)) + 1}.{2 * int(m.group(2)) + offset}."
@@ -82,10 +82,10 @@ LAYOUT = RenamedLayout(
          rf"|repmlp_block\.(gp\.fc[12]\.(weight|bias)|fc3\.(weight|bias)|fc3_bn\.{_BN}|repconv\d+\.{_UNIT}))"
          rf"|embeds\.\d+\.{_UNIT}|head_norm\.{_BN}|head\.(weight|bias)"),
     rules=(
-        (r"^stages\.(\d+)\.(\d+)\.prebn1\.", lambda m: _unit(m, 0) + "pre_bn."),
-        (r"^stages\.(\d+)\.(\d+)\.repmlp_block\.", lambda m: _unit(m, 0) + "mlp."),
-        (r"^stages\.(\d+)\.(\d+)\.prebn2\.", lambda m: _unit(m, 1) + "pre_bn."),
-        (r"^stages\.(\d+)\.(\d+)\.ffn_block\.ffn_fc([12])\.", lambda m: _unit(m, 1) + f"pw{m.group(3)}."),
+        (r"^stages\.(\d+)\.(\d+)\.prebn1\.", lambda m: unit_prefix(m, 0) + "pre_bn."),
+        (r"^stages\.(\d+)\.(\d+)\.repmlp_block\.", lambda m: unit_prefix(m, 0) + "mlp."),
+        (r"^stages\.(\d+)\.(\d+)\.prebn2\.", lambda m: unit_prefix(m, 1) + "pre_bn."),
+        (r"^stages\.(\d+)\.(\d+)\.ffn_block\.ffn_fc([12])\.", lambda m: unit_prefix(m, 1) + f"pw{m.group(3)}."),
         (r"\.mlp\.gp\.fc1\.", ".mlp.gp.reduce."),
         (r"\.mlp\.gp\.fc2\.", ".mlp.gp.expand."),
         (r"\.mlp\.repconv(\d+)\.", r".mlp.local.\1x\1."),

@@ -1,7 +1,7 @@
 """Re-parameterization benchmark: convert every registered model, check it, and time both forms.
 
 Run ``python -m bench.reparam [--models GLOB ...] [--batch 8] [--repeats N] [--threads T]
-[--markdown FILE] [--sections ...] [--batches 1 8]``. It prints markdown with five sections:
+[--markdown FILE] [--sections ...] [--batches 1 8]``. It prints markdown with six sections:
 
 1. one row per registered model (``backbones.list_models()`` filtered by ``--models``): parameters
    of the train-time and deploy forms, multiply-adds of the deploy form at the model's native
@@ -23,7 +23,13 @@ Run ``python -m bench.reparam [--models GLOB ...] [--batch 8] [--repeats N] [--t
    (:func:`backbones.deploy.export_onnx`) and INT8 (:func:`backbones.deploy.quantize_int8`); as
    ratios against torch fp32, with each row's
    achieved GMAC/s as a fraction of this machine's matmul rate in its precision (the roof, timed
-   in the same interleaved run: see :func:`roof_matmuls`), and the accuracy against torch fp32.
+   in the same interleaved run: see :func:`roof_matmuls`), and the accuracy against torch fp32;
+6. mixed-precision training (``--sections precision``) of ``--precision-model``
+   (``repmlp_res50_g8_224``) at ``--precision-batch`` 32: a training step in fp32, bf16 autocast
+   (what ``--trainer.precision bf16-mixed`` runs) and each in the channels_last layout
+   (``--model.channels_last``, :mod:`backbones.memory_format`), as ratios against fp32; then the
+   loss of a short run on the classification demo set in fp32 and in bf16-mixed from the same
+   initialization, beside fp32 with another data order (the noise).
 
 Timing method: the machine is shared, so no figure is meant to be read on its own. Every
 comparison is measured in one process, with the variants interleaved (A, B, A, B, ...; the order
@@ -66,6 +72,7 @@ from backbones.deploy import Bf16Inference, OnnxModel, bf16_supported, export_on
 from backbones.deploy.fused_conv import fusion, fusion_enabled
 from backbones.deploy.pt2e import quantize_pt2e
 from backbones.layers.repmlp import RepMLP
+from backbones.memory_format import to_channels_last
 
 TARGET_MODEL = "repmlp_res50_g8_224"
 TARGET_RATIO = 1.3  # the issue: deploy >= 1.3x faster than the train-time form (eval) at batch 8
@@ -73,7 +80,7 @@ TARGET_BATCH = 8
 THROUGHPUT_MODELS = ("resnet50", "repmlp_res50_g8_224", "repmlp_res50_light_224")
 VERIFY_RTOL = 1e-5  # every FC3 formulation must match the block to this relative error
 NEAR_FASTEST = 0.03  # "within noise" band for the per-shape FC3 verdict
-SECTIONS = ("models", "throughput", "fc3", "train", "runtimes")
+SECTIONS = ("models", "throughput", "fc3", "train", "runtimes", "precision")
 # the issue's five, and QARepVGG-A0 beside RepVGG-A0 for INT8 (QARepVGG is RepVGG made to quantize well)
 RUNTIME_MODELS = ("resnet50", "repmlp_res50_g8_224", "repmlp_res50_light_224", "repvgg_a0", "qarepvgg_a0", "mobileone_s0")
 RUNTIME_BATCHES = (1, 8)
@@ -774,6 +781,100 @@ def section_train(args: argparse.Namespace, out: Report) -> None:
     out()
 
 
+# ============================================================================ section 6
+# variant → (bf16 autocast, channels_last); the reference first
+PRECISION_ROWS = {"fp32": (False, False), "fp32 channels_last": (False, True),
+                  "bf16-mixed": (True, False), "bf16-mixed channels_last": (True, True)}
+PRECISION_TARGET = 2.0  # the issue: the bf16-mixed train step >= 2x fp32 at batch 32
+
+
+def _train_copy(model: nn.Module, bf16: bool, channels_last: bool, lr: float = 0.05) -> Callable[[Tensor, Tensor], float]:
+    """A training step on a copy of ``model``, as ``--trainer.precision bf16-mixed`` (autocast)
+    and ``--model.channels_last`` run it: ``(images, labels)`` → the loss."""
+    model = copy.deepcopy(model).train()
+    if channels_last:
+        to_channels_last(model)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+    def step(x: Tensor, labels: Tensor) -> float:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), labels)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    return step
+
+
+def _demo_batches(size: int, batch: int, steps: int, seed: int) -> list[tuple[Tensor, Tensor]]:
+    """The first ``steps`` training batches of the classification demo set at ``size`` px, in the
+    order and with the augmentation of a run seeded with ``seed``."""
+    from datamodules.imagenet import ImageNetDataModule
+
+    data = ImageNetDataModule(image_size=size, batch_size=batch, num_workers=0, pin_memory=False, seed=seed)
+    data.prepare_data()
+    data.setup("fit")
+    batches = []
+    for images, labels in data.train_dataloader():
+        if len(batches) == steps:
+            break
+        if images.shape[0] == batch:
+            batches.append((images, labels))
+    return batches
+
+
+def section_precision(args: argparse.Namespace, out: Report) -> None:
+    name, batch, steps = args.precision_model, args.precision_batch, args.precision_steps
+    size = backbones.input_size(name)
+    out(f"## 6. Mixed-precision training: `{name}`, batch {batch}, {size[0]}x{size[1]}")
+    out()
+    if not bf16_supported():
+        out("Skipped: this CPU has no native bf16 (`backbones.deploy.bf16_supported()` is False); "
+            "autocast would emulate it, slower than float32.")
+        out()
+        return
+    progress(f"precision: build {name}, demo batches")
+    torch.manual_seed(300)
+    model = backbones.create(name, num_classes=10).train()  # the demo set's 10 classes
+    data = _demo_batches(size[0], batch, steps, seed=0)
+    x, labels = data[0]
+    steps_of = {row: _train_copy(model, *flags) for row, flags in PRECISION_ROWS.items()}
+    progress("precision: timing")
+    timings = interleaved({row: (lambda f=f: f(x, labels)) for row, f in steps_of.items()},
+                          args.repeats, TRAIN_BUDGET_S, TRAIN_REPS, warmup=1, grad=True)
+    rows = [[row, f"{timings.median_ms(row):.0f}",
+             "1.00" if row == "fp32" else timings.ratio_text("fp32", row)] for row in PRECISION_ROWS]
+    out.table(["variant", "ms / training step", "speed-up vs fp32 (per-round IQR)"], rows)
+    out()
+    best = max(PRECISION_ROWS, key=lambda row: timings.ratio("fp32", row))
+    verdict = "met" if timings.ratio("fp32", best) >= PRECISION_TARGET else "NOT met"
+    out(f"A step is forward, cross-entropy, backward and an SGD update, interleaved, {timings.rounds} rounds "
+        f"(noise +{100 * timings.spread():.0f}%). Target: a bf16-mixed step >= {PRECISION_TARGET:g}x fp32: "
+        f"**{verdict}** by `{best}` ({timings.ratio('fp32', best):.2f}x).")
+    out()
+
+    progress(f"precision: loss curves, {steps} steps each")
+    curves = {"fp32": [], "bf16-mixed channels_last": []}
+    for row in curves:  # fresh copies from the same initialization, on the same batches
+        train_step = _train_copy(model, *PRECISION_ROWS[row])
+        curves[row] = [train_step(images, y) for images, y in data]
+    reordered = _train_copy(model, False, False)  # fp32 again, another order and augmentation: the noise
+    noise_curve = [reordered(images, y) for images, y in _demo_batches(size[0], batch, steps, seed=1)]
+    bf16_gap = max(abs(a - b) for a, b in zip(curves["fp32"], curves["bf16-mixed channels_last"]))
+    noise = max(abs(a - b) for a, b in zip(curves["fp32"], noise_curve))
+    out.table(["step", *[str(i) for i in range(len(noise_curve))]],
+              [["fp32", *[f"{v:.3f}" for v in curves["fp32"]]],
+               ["bf16-mixed channels_last", *[f"{v:.3f}" for v in curves["bf16-mixed channels_last"]]],
+               ["fp32, data seed 1", *[f"{v:.3f}" for v in noise_curve]]])
+    out()
+    out(f"Loss of a short run from one initialization on the classification demo set (SGD lr 0.05, momentum 0.9): "
+        f"bf16-mixed differs from fp32 by at most {bf16_gap:.3f}, fp32 with another data order and augmentation by "
+        f"{noise:.3f}: bf16-mixed is {'within' if bf16_gap <= noise else 'OUTSIDE'} the noise.")
+    out()
+
+
 # ============================================================================ section 5
 # row name → (runtime, precision); the reference first
 RUNTIME_ROWS = {"torch fp32": ("torch", "fp32"), "torch bf16": ("torch", "bf16"), "torch int8": ("torch", "int8"),
@@ -971,6 +1072,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="section 4: batch size (default: 32, the OREPA paper's batch per GPU)")
     parser.add_argument("--batches", type=int, nargs="+", default=list(RUNTIME_BATCHES), metavar="N",
                         help="section 5: batch sizes (default: 1 8)")
+    parser.add_argument("--precision-model", default=TARGET_MODEL,
+                        help=f"section 6: the model trained in fp32 and bf16-mixed (default: {TARGET_MODEL})")
+    parser.add_argument("--precision-batch", type=int, default=32, help="section 6: batch size (default: 32)")
+    parser.add_argument("--precision-steps", type=int, default=8,
+                        help="section 6: steps of the loss-curve comparison (default: 8)")
     args = parser.parse_args(argv)
     if min(args.batch, *args.batches, *(v for v in (args.repeats, args.threads) if v is not None)) < 1:
         parser.error("--batch, --batches, --repeats and --threads must be positive")
@@ -1026,6 +1132,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         section_train(args, out)
     if "runtimes" in args.sections:
         section_runtimes(names if args.models else list(RUNTIME_MODELS), args, out)
+    if "precision" in args.sections:
+        section_precision(args, out)
 
     out(f"Total run time {time.perf_counter() - started:.0f} s; load average at end: "
         f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}.")

@@ -17,6 +17,10 @@ rank:
 ``trainer.save_checkpoint`` is collective (rank 0 writes, then a barrier) and is called on every
 rank; the other files are written by rank 0 followed by a barrier, so saving cannot hang.
 The task is left in deploy form: a ``trainer.test()`` after ``trainer.fit()`` tests the deploy weights.
+
+With EMA of the weights (:class:`callbacks.ema.EMA`) the converted weights are the average: the best
+checkpoint's ``state_dict`` holds it, and without ``load_best`` the EMA callback has copied it into
+the model in ``on_train_end``, which Lightning runs before ``on_fit_end``.
 """
 from __future__ import annotations
 

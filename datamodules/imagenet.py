@@ -3,20 +3,24 @@
 Without a ``root`` the embedded demo set (:func:`datamodules.demo.classification_demo`) is
 generated once into the cache folder and used, so a run works on a fresh machine.
 
-Pipelines (albumentations):
-- train: RandomResizedCrop(image_size, crop_scale) + horizontal flip + normalize;
+Pipelines (albumentations), in timm's order:
+- train: RandomResizedCrop(image_size, crop_scale) + horizontal flip [+ RandAugment] + normalize
+  [+ random erasing] (:mod:`datamodules.augment`; both off by default);
 - val/test: resize the shorter side to ``image_size / val_crop_ratio`` (256 for 224), center crop.
+Resizing and RandAugment's geometric ops use ``interpolation`` (bilinear by default).
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import albumentations as A
+import cv2
 from albumentations.pytorch import ToTensorV2
 from torch.utils.data import Dataset
 
+from .augment import ERASING_MODES, RandAugment, RandomErasing, fill_colour, parse_rand_augment
 from .demo import CLASSIFICATION_DEMO_VERSION, classification_demo
 from .split_loaders import SplitDataModule
 from .image_folder import ImageFolder, ImageList, SeedPerStepCompose, find_classes, image_hw, list_images, list_samples
@@ -29,19 +33,48 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+Interpolation = Literal["bilinear", "bicubic"]
+ErasingMode = Literal["const", "rand", "pixel"]
+_CV2_INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
+
+
+def _cv2_interpolation(interpolation: str) -> int:
+    if interpolation not in _CV2_INTERPOLATION:
+        raise ValueError(f"data.interpolation must be one of {list(_CV2_INTERPOLATION)}, got {interpolation!r}")
+    return _CV2_INTERPOLATION[interpolation]
+
+
 def train_transform(
     size: int | tuple[int, int],
     scale: tuple[float, float] = (0.08, 1.0),
     mean: tuple[float, float, float] = IMAGENET_MEAN,
     std: tuple[float, float, float] = IMAGENET_STD,
+    *,
+    interpolation: Interpolation = "bilinear",
+    rand_augment: Optional[str] = None,
+    random_erasing: float = 0.0,
+    erasing_mode: ErasingMode = "pixel",
+    erasing_count: int = 1,
 ) -> A.Compose:
-    """RandomResizedCrop + horizontal flip + normalize → float tensor ``(3, H, W)``."""
-    return SeedPerStepCompose([
-        A.RandomResizedCrop(size=image_hw(size), scale=tuple(scale)),
+    """RandomResizedCrop + horizontal flip [+ RandAugment] + normalize [+ random erasing] → float
+    tensor ``(3, H, W)``.
+
+    ``rand_augment``: timm's string (``rand-m9-mstd0.5-inc1``), on the ``uint8`` crop with fill
+    ``round(255 * mean)``; ``random_erasing``: probability of timm's random erasing on the
+    normalized image, with ``erasing_mode`` and 1..``erasing_count`` boxes. Each step draws from its
+    own generator, seeded per sample by :class:`SeedPerStepCompose`.
+    """
+    steps: list[A.BasicTransform] = [
+        A.RandomResizedCrop(size=image_hw(size), scale=tuple(scale), interpolation=_cv2_interpolation(interpolation)),
         A.HorizontalFlip(p=0.5),
-        A.Normalize(mean=mean, std=std),
-        ToTensorV2(),
-    ])
+    ]
+    if rand_augment is not None:
+        steps.append(RandAugment(rand_augment, fill=fill_colour(mean), interpolation=interpolation))
+    steps.append(A.Normalize(mean=mean, std=std))
+    if random_erasing > 0:
+        steps.append(RandomErasing(random_erasing, mode=erasing_mode, max_count=erasing_count))
+    steps.append(ToTensorV2())
+    return SeedPerStepCompose(steps)
 
 
 def eval_transform(
@@ -49,13 +82,15 @@ def eval_transform(
     crop_ratio: float = 0.875,
     mean: tuple[float, float, float] = IMAGENET_MEAN,
     std: tuple[float, float, float] = IMAGENET_STD,
+    *,
+    interpolation: Interpolation = "bilinear",
 ) -> A.Compose:
     """Resize the shorter side to ``max(H, W) / crop_ratio``, center crop ``(H, W)``, normalize."""
     h, w = image_hw(size)
     if not 0 < crop_ratio <= 1:
         raise ValueError(f"val_crop_ratio must be in (0, 1], got {crop_ratio}")
     return SeedPerStepCompose([
-        A.SmallestMaxSize(max_size=int(round(max(h, w) / crop_ratio))),
+        A.SmallestMaxSize(max_size=int(round(max(h, w) / crop_ratio)), interpolation=_cv2_interpolation(interpolation)),
         A.CenterCrop(height=h, width=w),
         A.Normalize(mean=mean, std=std),
         ToTensorV2(),
@@ -81,6 +116,15 @@ class ImageNetDataModule(SplitDataModule):
         mean, std: normalization.
         seed: seed of the training order and augmentation, a function of ``(seed, epoch)``
             (:class:`SeededSampler`); the CLI sets it to ``seed_everything``.
+        rand_augment: timm's RandAugment string applied to training crops, e.g.
+            ``rand-m9-mstd0.5-inc1`` (:class:`datamodules.augment.RandAugment`); None: off.
+        random_erasing: probability of timm's random erasing of a training image (after
+            normalization; :class:`datamodules.augment.RandomErasing`); 0: off.
+        erasing_mode: fill of an erased box: ``pixel`` per-pixel N(0, 1), ``rand`` per-channel
+            N(0, 1), ``const`` 0.
+        erasing_count: boxes per erased image, uniform in ``[1, erasing_count]``.
+        interpolation: ``bilinear`` or ``bicubic`` for RandomResizedCrop, the evaluation resize and
+            RandAugment's geometric ops.
     """
 
     data_kind = "image_folder_classification"
@@ -102,6 +146,11 @@ class ImageNetDataModule(SplitDataModule):
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         seed: int = 0,
+        rand_augment: Optional[str] = None,
+        random_erasing: float = 0.0,
+        erasing_mode: ErasingMode = "pixel",
+        erasing_count: int = 1,
+        interpolation: Interpolation = "bilinear",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -120,8 +169,37 @@ class ImageNetDataModule(SplitDataModule):
         self.seed = seed
         self._classes: Optional[list[str]] = None
         self.datasets: dict[str, Dataset] = {}
+        self.rand_augment = rand_augment
+        self.random_erasing = random_erasing
+        self.erasing_mode = erasing_mode
+        self.erasing_count = erasing_count
+        self.interpolation = interpolation
         self._check_loader_settings()
-        eval_transform(self.image_size, val_crop_ratio)  # validate the arguments now, not mid-run
+        self._check_augment_settings()
+        # build both pipelines now so that a bad argument fails here, not mid-run
+        eval_transform(self.image_size, val_crop_ratio, interpolation=interpolation)
+        self._train_transform()
+
+    def _check_augment_settings(self) -> None:
+        """Raise ValueError naming the ``data.`` option of a bad augmentation argument."""
+        if self.rand_augment is not None:
+            parse_rand_augment(self.rand_augment, "data.rand_augment")
+        p = self.random_erasing
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"data.random_erasing must be a probability in [0, 1], got {p!r}")
+        if self.erasing_mode not in ERASING_MODES:
+            raise ValueError(f"data.erasing_mode must be one of {list(ERASING_MODES)}, got {self.erasing_mode!r}")
+        n = self.erasing_count
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"data.erasing_count must be an integer >= 1, got {n!r}")
+        _cv2_interpolation(self.interpolation)
+
+    def _train_transform(self) -> A.Compose:
+        return train_transform(
+            self.image_size, self.crop_scale, self.mean, self.std, interpolation=self.interpolation,
+            rand_augment=self.rand_augment, random_erasing=self.random_erasing,
+            erasing_mode=self.erasing_mode, erasing_count=self.erasing_count,
+        )
 
     # ------------------------------------------------------------------ layout
     @property
@@ -159,8 +237,8 @@ class ImageNetDataModule(SplitDataModule):
     def _split(self, split: str, train: bool) -> ImageFolder:
         samples = list_samples(self.data_root / split, self.classes)
         transform = (
-            train_transform(self.image_size, self.crop_scale, self.mean, self.std)
-            if train else eval_transform(self.image_size, self.val_crop_ratio, self.mean, self.std)
+            self._train_transform() if train
+            else eval_transform(self.image_size, self.val_crop_ratio, self.mean, self.std, interpolation=self.interpolation)
         )
         log.info("%s split: %d images in %d classes from %s", split, len(samples), self.num_classes, self.data_root / split)
         return ImageFolder(samples, transform, self.skip_corrupt, drop_corrupt=not train)
@@ -175,5 +253,6 @@ class ImageNetDataModule(SplitDataModule):
             self.datasets["test"] = self._split(self.test_split, train=False)
         if stage in ("predict", None):
             folder = Path(self.predict_root) if self.predict_root else self.data_root / self.test_split
-            transform = eval_transform(self.image_size, self.val_crop_ratio, self.mean, self.std)
+            transform = eval_transform(self.image_size, self.val_crop_ratio, self.mean, self.std,
+                                       interpolation=self.interpolation)
             self.datasets["predict"] = ImageList(list_images(folder), transform, self.skip_corrupt)

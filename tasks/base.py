@@ -31,11 +31,13 @@ import time
 from typing import Any, Literal, Optional
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks.weight_averaging import WeightAveraging
 import torch
 from torch import Tensor, nn
 
 from backbones import create, reparameterize_model
 from backbones.complexity import count_macs, count_params
+from backbones.memory_format import to_channels_last, to_contiguous
 from backbones.models.registry import model_input_size
 from backbones.weights import Weights, read_weights, weights_of_checkpoint
 from backbones.reparam.walker import max_relative_error
@@ -88,6 +90,10 @@ class ReparamTask(pl.LightningModule):
         momentum: SGD momentum, or AdamW's beta1.
         nesterov: Nesterov momentum for SGD.
         weight_decay: decoupled for AdamW, L2 for SGD.
+        weight_decay_end: None: constant weight decay. A value: the weight decay follows a cosine from
+            ``weight_decay`` at the first optimizer step to ``weight_decay_end`` at the last (over the
+            whole run, warm-up included; MobileOne's MMPretrain recipe: 1e-4 → 1e-5); parameter groups
+            without decay stay at 0 (:meth:`weight_decay_factor`).
         no_decay_bn_bias: no weight decay on 1-D parameters (BN weights and biases, all biases).
         warmup_epochs: linear warm-up length in epochs (fractions allowed); stepped every batch.
         warmup_start_factor: learning rate at step 0 as a fraction of ``lr``.
@@ -98,6 +104,10 @@ class ReparamTask(pl.LightningModule):
         step_milestones: fractions of training (0..1) where the step schedule decays, e.g. the
             RepMLP-FaceRes recipe's 252k/364k/406k of 420k iterations = ``(0.6, 0.867, 0.967)``.
         step_gamma: the step schedule's factor.
+        channels_last: train in the channels_last layout (:func:`backbones.memory_format.to_channels_last`,
+            applied when fit sets the task up): oneDNN's convs run faster in it on CPU, most of all
+            with ``--trainer.precision bf16-mixed``. Outputs are unchanged; the deploy conversion
+            and the files it writes are NCHW.
     """
 
     task_name = "task"
@@ -115,6 +125,7 @@ class ReparamTask(pl.LightningModule):
         momentum: float = 0.9,
         nesterov: bool = False,
         weight_decay: float = 1e-4,
+        weight_decay_end: Optional[float] = None,
         no_decay_bn_bias: bool = True,
         warmup_epochs: float = 0.0,
         warmup_start_factor: float = 0.01,
@@ -123,6 +134,7 @@ class ReparamTask(pl.LightningModule):
         poly_power: float = 0.9,
         step_milestones: tuple[float, ...] = (0.6, 0.867, 0.967),
         step_gamma: float = 0.1,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adamw"):
@@ -133,6 +145,9 @@ class ReparamTask(pl.LightningModule):
             raise ValueError(f"model.schedule must be 'cosine', 'poly' or 'step', got {schedule!r}")
         if any(not 0 < m < 1 for m in step_milestones) or list(step_milestones) != sorted(step_milestones):
             raise ValueError(f"model.step_milestones must be increasing fractions of training in (0, 1), got {step_milestones}")
+        if weight_decay_end is not None and not (weight_decay_end >= 0 and weight_decay > 0):
+            raise ValueError(f"model.weight_decay_end must be >= 0 and needs model.weight_decay > 0 to anneal from, "
+                             f"got weight_decay_end={weight_decay_end}, weight_decay={weight_decay}")
         self.save_hyperparameters()  # collects the subclass's arguments too
         self.backbone_name = backbone
         self.backbone_kwargs = dict(backbone_kwargs or {})
@@ -147,6 +162,7 @@ class ReparamTask(pl.LightningModule):
         self._calibration: Optional[list[Tensor]] = None
         self._runner: Optional[Runner] = None
         self._test_images = 0
+        self._schedule_steps = 1  # optimizer steps of the whole run, set by configure_optimizers
 
     # ------------------------------------------------------------------ backbone
     def backbone_args(self) -> dict[str, Any]:
@@ -189,6 +205,7 @@ class ReparamTask(pl.LightningModule):
         A second call on a converted model changes nothing and reports zero error.
         """
         self.eval()
+        to_contiguous(self)  # the conversion math and the safetensors writer take NCHW tensors
         params_train = count_params(self)
         reference = None
         if check_inputs is not None:
@@ -226,6 +243,8 @@ class ReparamTask(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if self.hparams.weights and not self._weights_loaded:
             self.load_weights(self.hparams.weights)
+        if stage == "fit" and self.hparams.get("channels_last") and not self.deploy:
+            to_channels_last(self)
 
     def load_weights(self, source: str | Weights, match: Optional[Literal["all", "matching"]] = None) -> Weights:
         """Load a weight file (any layout :func:`backbones.weights.read_weights` reads) into this task.
@@ -331,6 +350,14 @@ class ReparamTask(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainer = self.attached_trainer()
+        if (self.trainer_stage() == "fit" and "current_model_state" in checkpoint
+                and not any(isinstance(cb, WeightAveraging) for cb in trainer.callbacks)):
+            # A checkpoint of a run with weight averaging (callbacks.ema.EMA) holds the average in
+            # state_dict and the trained weights in current_model_state; resumed without the
+            # callback, training continues from the trained weights, which its optimizer state fits.
+            checkpoint["state_dict"] = checkpoint["current_model_state"]
+            print(f"{trainer.ckpt_path}: resuming the trained weights (current_model_state); its averaged "
+                  "(EMA) weights are dropped, as no weight averaging callback is configured")
         weights = weights_of_checkpoint(checkpoint, str(trainer.ckpt_path if trainer is not None else "(checkpoint)"))
         self.align_to(weights)
         self.check_fits(weights)
@@ -388,6 +415,24 @@ class ReparamTask(pl.LightningModule):
             return floor + (1.0 - floor) * (1.0 - progress) ** hp.poly_power
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
+    def weight_decay_factor(self, step: int, total_steps: int) -> float:
+        """Multiplier of every group's weight decay at optimizer step ``step`` of ``total_steps``:
+        1 without ``weight_decay_end``, else a cosine from 1 to ``weight_decay_end / weight_decay``."""
+        hp = self.hparams
+        if hp.get("weight_decay_end") is None:
+            return 1.0
+        floor = hp.weight_decay_end / hp.weight_decay
+        progress = min(1.0, step / max(1, total_steps))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Computed from global_step before every step (not accumulated), so a resumed run sets the
+        # value the uninterrupted run had; groups that start at 0 stay at 0.
+        if self.hparams.get("weight_decay_end") is not None:
+            factor = self.weight_decay_factor(self.trainer.global_step, self._schedule_steps)
+            for group in optimizer.param_groups:
+                group["weight_decay"] = group.setdefault("initial_weight_decay", group["weight_decay"]) * factor
+
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         groups = self.parameter_groups()
@@ -399,9 +444,17 @@ class ReparamTask(pl.LightningModule):
         total = int(trainer.estimated_stepping_batches)  # also sets up the train loader
         if trainer.max_epochs and trainer.max_epochs > 0:
             per_epoch = total / trainer.max_epochs
-        else:  # step-limited run (max_steps): one epoch is one pass over the train loader
-            per_epoch = trainer.num_training_batches / trainer.accumulate_grad_batches
+        elif hp.warmup_epochs > 0:  # step-limited run (max_steps): one epoch is one pass over the train loader
+            per_epoch = adapter.train_batches_per_epoch(trainer) / trainer.accumulate_grad_batches
+            if not math.isfinite(per_epoch):
+                raise ValueError("model.warmup_epochs needs epochs of known length; this train loader has no length "
+                                 "(an iterable dataset): give the warm-up with max_epochs, or set warmup_epochs 0")
+        else:
+            per_epoch = 0.0
         warmup = min(total, int(round(hp.warmup_epochs * per_epoch)))
+        self._schedule_steps = total
+        for group in opt.param_groups:  # what weight_decay_end anneals from (kept in the optimizer's state)
+            group["initial_weight_decay"] = group["weight_decay"]
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.lr_factor(step, total, warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

@@ -10,6 +10,7 @@ line takes from the dataset (``data.num_classes``).
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any, Optional
 
 import torch
@@ -20,6 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from callbacks.prediction_csv import TopKCSVWriter
 from datamodules.imagenet import ImageNetDataModule
+from tasks.augment import Mixup, MixupConfig
 from tasks.base import ReparamTask
 from tasks.lightning.cli import CONFIG_DIR, TaskCLI
 
@@ -33,7 +35,11 @@ class ClassificationTask(ReparamTask):
         backbone: registered model name; its ``fc`` is the classifier.
         backbone_kwargs: its constructor arguments.
         num_classes: classifier outputs (linked to ``data.num_classes`` on the command line).
-        label_smoothing: cross-entropy label smoothing.
+        label_smoothing: cross-entropy label smoothing ε (training and evaluation).
+        mixup: mixup / CutMix of the training batches (:class:`tasks.augment.MixupConfig`; YAML
+            ``model: {mixup: {mixup_alpha: 0.8, cutmix_alpha: 1.0}}``); None: off. Training then
+            uses soft targets, smoothed by ``label_smoothing`` as timm does; validation, test and
+            top-1/top-5 keep the hard labels. Needs an even ``data.batch_size``.
         topk: the second accuracy reported (``top5``), capped at ``num_classes``.
         **kwargs: optimizer, schedule and ``deploy`` (see :class:`tasks.base.ReparamTask`).
     """
@@ -47,14 +53,21 @@ class ClassificationTask(ReparamTask):
         backbone_kwargs: Optional[dict[str, Any]] = None,
         num_classes: int = 1000,
         label_smoothing: float = 0.0,
+        mixup: Optional[MixupConfig] = None,
         topk: int = 5,
         **kwargs: Any,
     ) -> None:
+        if isinstance(mixup, MixupConfig):
+            # hyperparameters hold plain values: checkpoints load with weights_only=True
+            mixup = asdict(mixup)
         super().__init__(backbone, backbone_kwargs, **kwargs)
         if num_classes < 2:
             raise ValueError(f"model.num_classes must be at least 2, got {num_classes}")
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"model.label_smoothing must be in [0, 1], got {label_smoothing}")
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
+        self.mixup = Mixup(mixup, num_classes) if mixup is not None else None
         self.topk = min(topk, num_classes)
         self.build_model(self.deploy)
         for stage in ("val", "test"):
@@ -89,9 +102,22 @@ class ClassificationTask(ReparamTask):
             value = int(labels[bad][0])
             raise ValueError(f"label value {value} out of range [0, {self.num_classes}) (model.num_classes)")
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
+        if self.mixup is not None and isinstance(batch_size, int) and batch_size % 2:
+            raise ValueError(f"model.mixup needs an even training batch (each image is mixed with the one at the "
+                             f"mirrored position), but data.batch_size is {batch_size}: make it even")
+
     def _shared_step(self, batch: Any, stage: str) -> Tensor:
         images, labels = batch
         self._check_labels(labels)
+        if stage == "train" and self.mixup is not None:
+            images, targets = self.mixup(images, labels)
+            # soft targets (N, K); in fp32, whatever precision the logits come in
+            loss = F.cross_entropy(self(images).float(), targets, label_smoothing=self.label_smoothing)
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+            return loss
         logits = self(images) if stage == "train" else self.infer(images)
         if stage == "test":
             self.count_test_images(images.shape[0])

@@ -106,7 +106,10 @@ class Runner:
 
     def __call__(self, x: Tensor) -> Tensor:
         start = time.perf_counter()
-        out = self.forward(x)
+        # the spec's precision, not the trainer's: under --trainer.precision bf16-mixed the test
+        # step runs in autocast, which would turn an fp32 test into a bf16 one
+        with torch.autocast(x.device.type, enabled=False):
+            out = self.forward(x)
         self.seconds += time.perf_counter() - start
         self.calls += 1
         self.batch_size = max(self.batch_size, int(x.shape[0]))

@@ -70,7 +70,13 @@ class MarginHead(nn.Module):
         return F.linear(F.normalize(embeddings, dim=1), F.normalize(self.weight, dim=1))
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        cos = self.cosine(embeddings.float()).clamp(-1.0, 1.0)
+        # float32 even under bf16 autocast: bf16's 8 mantissa bits would quantize s·cos in steps of
+        # s/256 (0.25 at s = 64), coarser than the margins' effect near the target
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return self._logits(embeddings.float(), labels)
+
+    def _logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        cos = self.cosine(embeddings).clamp(-1.0, 1.0)
         target = cos.gather(1, labels[:, None])
         if self.loss == "arcface":
             m = self.margin

@@ -1,6 +1,6 @@
-"""The three places where the project needs Lightning behaviour that has no public API.
+"""The four places where the project needs Lightning behaviour that has no public API.
 
-Everything else in the project uses Lightning's public API. The three here rely on Lightning
+Everything else in the project uses Lightning's public API. The four here rely on Lightning
 internals, checked by ``tests/tasks/test_lightning_adapter.py`` (which fails with a message naming
 what changed when a Lightning upgrade breaks an assumption; ``setup.py`` bounds the version):
 
@@ -22,6 +22,12 @@ what changed when a Lightning upgrade breaks an assumption; ``setup.py`` bounds 
   loop "restarted mid-epoch", so the next epoch is never counted as started (and its
   ``on_train_epoch_start`` hooks are skipped); a checkpoint saved during that epoch records it as
   not begun, and resuming from it trains the epoch again. Called from the task's ``on_train_start``.
+- :func:`train_batches_per_epoch`: the batches of one training epoch, in ``configure_optimizers``.
+  For a step-limited run (``max_epochs: -1``, ``max_steps: N``: the face and Cityscapes recipes)
+  ``trainer.estimated_stepping_batches`` returns ``max_steps`` without loading the train loader, so
+  ``trainer.num_training_batches`` is still infinite there, and a warm-up given in epochs needs
+  the epoch's length: the loader is set up the way ``estimated_stepping_batches`` itself does it
+  (``trainer.fit_loop.setup_data()``).
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-__all__ = ["batches_done", "close_restored_epoch", "hold_ckpt_path", "release_ckpt_path"]
+__all__ = ["batches_done", "close_restored_epoch", "hold_ckpt_path", "release_ckpt_path", "train_batches_per_epoch"]
 
 _HELD = "_adapter_held_ckpt_path"
 
@@ -64,3 +70,11 @@ def close_restored_epoch(trainer: pl.Trainer) -> None:
     progress = loop.epoch_progress.current
     if loop.restarted_mid_epoch and progress.started == progress.processed:
         loop.reset_restart_stage()
+
+
+def train_batches_per_epoch(trainer: pl.Trainer) -> float:
+    """Training batches in one epoch (``trainer.num_training_batches``), loading the train loader
+    first when the trainer has not (see the module doc); infinite for an iterable dataset."""
+    if trainer.train_dataloader is None:
+        trainer.fit_loop.setup_data()
+    return trainer.num_training_batches

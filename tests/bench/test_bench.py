@@ -73,3 +73,20 @@ def test_runtimes_section_times_every_runtime_against_torch_fp32_and_its_roof():
     assert [r[1].strip() for r in roofs] == ["1", "2"]
     assert proc.stdout.count("torch int8 compiled in") == 2  # once per batch size
     assert all(float(c) > 0 for r in roofs for c in r[3:7] if c.strip() != "–")
+
+
+def test_precision_section_times_bf16_mixed_and_channels_last_against_fp32():
+    if not bf16_supported():
+        return  # the section says it is skipped; nothing to time
+    proc = subprocess.run([sys.executable, "-m", "bench.reparam", "--sections", "precision", "--precision-model",
+                           "repmlp_res_tiny", "--precision-batch", "4", "--precision-steps", "2", "--repeats", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    variants = [line.split("|")[1].strip() for line in proc.stdout.splitlines()
+                if line.startswith("| ") and "ms" not in line and not line.startswith("| step")
+                and not line.startswith("| fp32, data")][:4]
+    assert variants == ["fp32", "fp32 channels_last", "bf16-mixed", "bf16-mixed channels_last"]
+    assert "Target: a bf16-mixed step >= 2x fp32" in proc.stdout
+    curves = [line for line in proc.stdout.splitlines() if line.startswith("| fp32 |") and line.count("|") == 4]
+    assert curves, proc.stdout  # the loss curve row: 2 steps
+    assert "the noise" in proc.stdout

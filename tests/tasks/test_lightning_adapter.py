@@ -135,3 +135,23 @@ def test_a_state_saved_after_resuming_at_an_epoch_end_resumes_without_repeating_
         f"(got global_step {step}, epochs {epochs}; 2.6 trains the second epoch again: 7, [1]); if it now ends "
         "at step 6, the defect is fixed: remove tasks.lightning.adapter.close_restored_epoch")
     assert _resume_twice(tmp_path / "closing", _Closing) == (6, [1])
+
+
+def test_a_step_limited_run_knows_its_epoch_length_in_configure_optimizers():
+    """``max_epochs: -1, max_steps: N`` (the face and Cityscapes recipes): Lightning's
+    ``estimated_stepping_batches`` returns ``max_steps`` without loading the train loader; the
+    adapter loads it so that a warm-up in epochs has a length (3 batches per epoch here)."""
+    seen = {}
+
+    class _Counted(_Tiny):
+        def configure_optimizers(self):
+            assert self.trainer.estimated_stepping_batches == 5
+            seen["before"] = self.trainer.num_training_batches
+            seen["per_epoch"] = adapter.train_batches_per_epoch(self.trainer)
+            return super().configure_optimizers()
+
+    trainer = pl.Trainer(max_epochs=-1, max_steps=5, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(_Counted())
+    assert seen["before"] == float("inf"), "Lightning now loads the train loader for a step-limited run: drop the adapter"
+    assert seen["per_epoch"] == 3 and trainer.global_step == 5

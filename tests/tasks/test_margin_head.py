@@ -246,3 +246,16 @@ def test_ddp_gradients_equal_single_process(tmp_path):
     local_loss = F.cross_entropy(local(x[:GLOBAL_BATCH // 2], y[:GLOBAL_BATCH // 2]), y[:GLOBAL_BATCH // 2])
     local_loss.backward()
     assert (local.head.weight.grad - single["head.weight"]).abs().max() > 1e-3
+
+
+def test_logits_stay_float32_under_bf16_autocast():
+    """``--trainer.precision bf16-mixed`` runs the task's step in autocast; the margin head computes
+    its cosines in float32 anyway (bf16 would quantize s·cos in steps of s/256)."""
+    torch.manual_seed(0)
+    head = MarginHead(16, 50, "arcface")
+    emb, labels = torch.randn(8, 16), torch.randint(0, 50, (8,))
+    with torch.autocast("cpu", torch.bfloat16):
+        mixed = head(emb.bfloat16(), labels)
+    exact = _reference(head, emb.bfloat16().float(), labels)
+    assert mixed.dtype == torch.float32
+    assert max_relative_error(exact, mixed.double()) < 1e-5

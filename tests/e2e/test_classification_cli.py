@@ -254,20 +254,33 @@ def test_paper_configs_parse(tmp_path):
 
 
 def test_family_configs_parse_with_their_header_commands(tmp_path):
-    """Each re-parameterization family config, run as its header says (epochs on the command line)."""
-    names = ("repvgg_a0", "mobileone_s0", "replknet_31b", "resnet18_orepa")
+    """Each re-parameterization family config, run as its header says, with its paper's recipe."""
+    names = ("repvgg_a0", "mobileone_s0", "replknet_31b", "resnet18_orepa", "repmlpnet_t224", "repmlpnet_b256")
     commands = []
     for name in names:
         text = (REPO / "configs" / "classification" / f"{name}.yaml").read_text()
         (line,) = [ln for ln in text.splitlines() if ln.startswith("#   python -m tasks.classification fit")]
         commands.append(line.split("python -m ", 1)[1].replace("/path/to/imagenet", "data").split())
-    for name, argv, result in zip(names, commands, print_configs(commands, REPO)):
+    results = print_configs(commands, REPO)
+    for name, argv, result in zip(names, commands, results):
         assert result["code"] == 0, result["err"]
         out = result["out"]
         backbone = "resnet18" if name == "resnet18_orepa" else name
         assert f"backbone: {backbone}" in out and "devices: 8" in out and "sync_batchnorm: true" in out
-        assert f"max_epochs: {argv[argv.index('--trainer.max_epochs') + 1]}" in out
-    assert "conv_type: orepa" in result["out"]
+        if "--trainer.max_epochs" in argv:
+            assert f"max_epochs: {argv[argv.index('--trainer.max_epochs') + 1]}" in out
+    outs = dict(zip(names, (r["out"] for r in results)))
+    assert "conv_type: orepa" in outs["resnet18_orepa"]
+    # the papers' recipes (next_capabilities.md §5): RepLKNet-31B, MobileOne-S0 (MMPretrain), RepMLPNet
+    replk = outs["replknet_31b"]
+    for line in ("rand_augment: rand-m9-mstd0.5-inc1", "random_erasing: 0.25", "erasing_mode: pixel",
+                 "interpolation: bicubic", "mixup_alpha: 0.8", "cutmix_alpha: 1.0", "drop_path_rate: 0.5",
+                 "decay: 0.9999", "accumulate_grad_batches: 8", "weight_decay: 0.05", "lr: 0.004"):
+        assert line in replk, line
+    assert "weight_decay_end: 1.0e-05" in outs["mobileone_s0"] and "decay: 0.9995" in outs["mobileone_s0"]
+    for name in ("repmlpnet_t224", "repmlpnet_b256"):
+        assert "mixup_alpha: 0.4" in outs[name] and "rand_augment: rand-m14-mmax14-mstd101-p1.0" in outs[name]
+        assert "gradient_clip_val: 5" in outs[name] and "callbacks.ema.EMA" not in outs[name]
 
 
 class _Payload:

@@ -1,6 +1,8 @@
 """EMA of the weights from the command line: ``--trainer.callbacks+=EMA``, the paper configs that
 carry it, and a fit killed mid-epoch and resumed with ``--ckpt_path last`` that ends exactly where
-the uninterrupted fit ends (trained weights, EMA weights, log, deploy model and its test)."""
+the uninterrupted fit ends (trained weights, EMA weights, log, deploy model and its test): with EMA
+alone, and with every recipe option on at once (RandAugment, random erasing, mixup/cutmix, drop
+path, annealed weight decay, bf16-mixed in channels_last)."""
 from __future__ import annotations
 
 import csv
@@ -14,6 +16,7 @@ import pytest
 import torch
 from conftest import REPO, assert_ok, print_configs, read_results, run_task
 
+from backbones.deploy import bf16_supported
 from callbacks.ema import EMA
 from datamodules.demo import classification_demo
 from tasks.classification import main
@@ -32,6 +35,12 @@ trainer:
     - class_path: pytorch_lightning.callbacks.ModelCheckpoint
       init_args: {filename: last, every_n_train_steps: 2, enable_version_counter: false}
 """
+# every recipe option on top of EMA: repmlpnet_tiny (drop path) at 64 px on the 72 px demo images
+RECIPE = ["--model.backbone", "repmlpnet_tiny", "--model.backbone_kwargs", '{"drop_path_rate": 0.2}',
+          "--data.rand_augment", "rand-m9-mstd0.5-inc1", "--data.random_erasing", "0.25",
+          "--model.mixup.mixup_alpha", "0.8", "--model.mixup.cutmix_alpha", "1.0", "--model.weight_decay_end", "1e-5"]
+if bf16_supported():
+    RECIPE += ["--trainer.precision", "bf16-mixed", "--model.channels_last", "true"]
 _KILLER = """
 import os
 from tasks.lightning.checkpoint_io import CheckedCheckpointIO
@@ -48,18 +57,23 @@ def _name(name: str) -> list[str]:
     return ["--trainer.logger.init_args.name", name]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """An uninterrupted fit with EMA, and the same fit ended by the process exiting right after its
-    first checkpoint (global step 2 of 10), then resumed with ``--ckpt_path last``:
-    ``(full run folder, resumed run folder, the checkpoint at the exit)``."""
+@pytest.fixture(scope="module", params=["ema", "every_recipe_option"])
+def runs(tmp_path_factory, request):
+    """An uninterrupted fit with EMA (and with :data:`RECIPE`), and the same fit ended by the process
+    exiting right after its first checkpoint (global step 2 of 10), then resumed with
+    ``--ckpt_path last``: ``(full run folder, resumed run folder, the checkpoint at the exit)``."""
     cwd = tmp_path_factory.mktemp("ema")
     root = classification_demo(cwd / "data", train_per_class=4, val_per_class=2, image_size=72)
     (cwd / "callbacks.yaml").write_text(CALLBACKS)
     (cwd / "killer.py").write_text(_KILLER)
     (cwd / "exit_after_save.yaml").write_text("trainer:\n  plugins:\n    - class_path: killer.ExitAfterFirstSave\n")
-    args = [*FIT, "--data.root", str(root)]
+    args = [*FIT, "--data.root", str(root), *(RECIPE if request.param == "every_recipe_option" else [])]
     assert_ok(run_task("classification", *args, *_name("full"), cwd=cwd, demo_root=cwd))
+    if request.param == "every_recipe_option":  # the run really had them on
+        saved = (cwd / "runs" / "full" / "version_0" / "config.yaml").read_text()
+        for option in ("rand_augment: rand-m9-mstd0.5-inc1", "random_erasing: 0.25", "mixup_alpha: 0.8",
+                       "cutmix_alpha: 1.0", "drop_path_rate: 0.2", "weight_decay_end: 1.0e-05"):
+            assert option in saved, option
 
     env = {**os.environ, "REPMLP_DEMO_ROOT": str(cwd), "PYTHONPATH": str(REPO)}
     killed = subprocess.Popen([sys.executable, "-m", "tasks.classification", *args, *_name("killed"),
@@ -117,7 +131,7 @@ def test_the_paper_configs_carry_their_ema_and_the_command_line_adds_one(tmp_pat
     outs = [r["out"] for r in results]
     assert "class_path: callbacks.ema.EMA\n    init_args:\n      decay: 0.9999\n" in outs[0]
     assert "class_path: callbacks.ema.EMA\n    init_args:\n      decay: 0.9995\n" in outs[1]
-    assert "max_epochs: 300" in outs[0] and "accumulate_grad_batches: 16" in outs[0] and "max_epochs: 300" in outs[1]
+    assert "max_epochs: 300" in outs[0] and "accumulate_grad_batches: 8" in outs[0] and "max_epochs: 300" in outs[1]
     assert all("EMA" not in out for out in outs[2:4])  # RepMLPNet's official recipe has none (EMA_ALPHA 0)
     assert "class_path: callbacks.EMA\n    init_args:\n      decay: 0.8\n" in outs[4]
 

@@ -788,7 +788,7 @@ PRECISION_ROWS = {"fp32": (False, False), "fp32 channels_last": (False, True),
 PRECISION_TARGET = 2.0  # the issue: the bf16-mixed train step >= 2x fp32 at batch 32
 
 
-def _train_copy(model: nn.Module, bf16: bool, channels_last: bool, lr: float = 0.05) -> Callable[[Tensor, Tensor], float]:
+def _train_copy(model: nn.Module, bf16: bool, channels_last: bool, lr: float = 5e-3) -> Callable[[Tensor, Tensor], float]:
     """A training step on a copy of ``model``, as ``--trainer.precision bf16-mixed`` (autocast)
     and ``--model.channels_last`` run it: ``(images, labels)`` → the loss."""
     model = copy.deepcopy(model).train()
@@ -862,16 +862,17 @@ def section_precision(args: argparse.Namespace, out: Report) -> None:
         curves[row] = [train_step(images, y) for images, y in data]
     reordered = _train_copy(model, False, False)  # fp32 again, another order and augmentation: the noise
     noise_curve = [reordered(images, y) for images, y in _demo_batches(size[0], batch, steps, seed=1)]
-    bf16_gap = max(abs(a - b) for a, b in zip(curves["fp32"], curves["bf16-mixed channels_last"]))
-    noise = max(abs(a - b) for a, b in zip(curves["fp32"], noise_curve))
+    # mean over the steps: one step's loss swings with its batch far more than the curve does
+    bf16_gap = statistics.fmean(abs(a - b) for a, b in zip(curves["fp32"], curves["bf16-mixed channels_last"]))
+    noise = statistics.fmean(abs(a - b) for a, b in zip(curves["fp32"], noise_curve))
     out.table(["step", *[str(i) for i in range(len(noise_curve))]],
               [["fp32", *[f"{v:.3f}" for v in curves["fp32"]]],
                ["bf16-mixed channels_last", *[f"{v:.3f}" for v in curves["bf16-mixed channels_last"]]],
                ["fp32, data seed 1", *[f"{v:.3f}" for v in noise_curve]]])
     out()
-    out(f"Loss of a short run from one initialization on the classification demo set (SGD lr 0.05, momentum 0.9): "
-        f"bf16-mixed differs from fp32 by at most {bf16_gap:.3f}, fp32 with another data order and augmentation by "
-        f"{noise:.3f}: bf16-mixed is {'within' if bf16_gap <= noise else 'OUTSIDE'} the noise.")
+    out(f"Loss of a short run from one initialization on the classification demo set (SGD lr 5e-3, momentum 0.9): "
+        f"bf16-mixed differs from fp32 by {bf16_gap:.3f} on average over the steps, fp32 with another data order and "
+        f"augmentation by {noise:.3f}: bf16-mixed is {'within' if bf16_gap <= noise else 'OUTSIDE'} the noise.")
     out()
 
 
@@ -1075,8 +1076,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--precision-model", default=TARGET_MODEL,
                         help=f"section 6: the model trained in fp32 and bf16-mixed (default: {TARGET_MODEL})")
     parser.add_argument("--precision-batch", type=int, default=32, help="section 6: batch size (default: 32)")
-    parser.add_argument("--precision-steps", type=int, default=8,
-                        help="section 6: steps of the loss-curve comparison (default: 8)")
+    parser.add_argument("--precision-steps", type=int, default=12,
+                        help="section 6: steps of the loss-curve comparison (default: 12)")
     args = parser.parse_args(argv)
     if min(args.batch, *args.batches, *(v for v in (args.repeats, args.threads) if v is not None)) < 1:
         parser.error("--batch, --batches, --repeats and --threads must be positive")

@@ -64,6 +64,11 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _cosine(floor: float, progress: float) -> float:
+    """A cosine from 1 at ``progress`` 0 down to ``floor`` at ``progress`` 1."""
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def _plain(value: Any) -> Any:
     """JSON-friendly copy (tuples → lists) of constructor arguments."""
     return json.loads(json.dumps(value, default=str))
@@ -413,7 +418,7 @@ class ReparamTask(pl.LightningModule):
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         if hp.schedule == "poly":
             return floor + (1.0 - floor) * (1.0 - progress) ** hp.poly_power
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return _cosine(floor, progress)
 
     def weight_decay_factor(self, step: int, total_steps: int) -> float:
         """Multiplier of every group's weight decay at optimizer step ``step`` of ``total_steps``:
@@ -421,9 +426,7 @@ class ReparamTask(pl.LightningModule):
         hp = self.hparams
         if hp.get("weight_decay_end") is None:
             return 1.0
-        floor = hp.weight_decay_end / hp.weight_decay
-        progress = min(1.0, step / max(1, total_steps))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return _cosine(hp.weight_decay_end / hp.weight_decay, min(1.0, step / max(1, total_steps)))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Computed from global_step before every step (not accumulated), so a resumed run sets the

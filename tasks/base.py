@@ -31,7 +31,7 @@ import time
 from typing import Any, Literal, Optional
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks.weight_averaging import WeightAveraging
+from pytorch_lightning.callbacks import WeightAveraging
 import torch
 from torch import Tensor, nn
 

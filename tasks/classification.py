@@ -112,16 +112,14 @@ class ClassificationTask(ReparamTask):
     def _shared_step(self, batch: Any, stage: str) -> Tensor:
         images, labels = batch
         self._check_labels(labels)
+        targets = labels
         if stage == "train" and self.mixup is not None:
-            images, targets = self.mixup(images, labels)
-            # soft targets (N, K); in fp32, whatever precision the logits come in
-            loss = F.cross_entropy(self(images).float(), targets, label_smoothing=self.label_smoothing)
-            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-            return loss
+            images, targets = self.mixup(images, labels)  # soft targets (N, K), float32
         logits = self(images) if stage == "train" else self.infer(images)
         if stage == "test":
             self.count_test_images(images.shape[0])
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        # in fp32 whatever precision the logits come in (soft targets must match their dtype)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
         if stage == "train":
             self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
             return loss
